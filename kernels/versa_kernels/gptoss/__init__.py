@@ -1,0 +1,1 @@
+"""gpt-oss: config, MXFP4 decode/encode, checkpoint I/O, expert math and the forward."""

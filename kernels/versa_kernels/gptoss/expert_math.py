@@ -1,0 +1,132 @@
+"""gpt-oss MoE math: router, clamped interleaved SwiGLU, one expert, and the plain MoE reference.
+
+Written from the formulas in gptoss_reference.md §1.2-§1.8 (checked against transformers'
+`GptOssTopKRouter` / `GptOssExperts`). Dimension letters: T tokens, E experts, K top-k,
+D hidden, F expert intermediate (so gate_up has 2F rows).
+
+What is easy to get wrong, and how this module does it:
+
+- Router: logits = W x + b (with bias); take the top-k *logits*, then softmax over those k only.
+  There is no softmax over all E experts first.
+- SwiGLU input is *interleaved*: even rows of gate_up are the gate ("glu") half, odd rows the up
+  ("linear") half, not two contiguous halves.
+- Clamps are asymmetric: the gate is clamped from above only (<= limit), the up half to
+  [-limit, limit]; the up half gets an extra `+ 1`.
+- The down bias is added per expert *before* the gate weight multiplies the expert output.
+
+Weights here use the reference orientation (output-major like `nn.Linear.weight`):
+gate_up [E, 2F, D], gate_up_bias [E, 2F], down [E, D, F], down_bias [E, D]. transformers stores
+the transposes (`gate_up_proj [E, D, 2F]`, `down_proj [E, F, D]`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SWIGLU_ALPHA = 1.702
+"""gpt-oss's sigmoid sharpness in `gate * sigmoid(alpha * gate)` (config `swiglu_alpha`)."""
+
+SWIGLU_LIMIT = 7.0
+"""gpt-oss's activation clamp (config `swiglu_limit`)."""
+
+__all__ = [
+    "SWIGLU_ALPHA",
+    "SWIGLU_LIMIT",
+    "expert_forward",
+    "moe_reference",
+    "route_topk",
+    "router_logits",
+    "swiglu",
+]
+
+
+def router_logits(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor) -> torch.Tensor:
+    """Router logits G = x W_r^T + b_r for x [T, D], W_r [E, D], b_r [E] -> [T, E]."""
+    return torch.nn.functional.linear(x, router_w, router_b)  # [T, E]
+
+
+def route_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select the k largest router logits per token and softmax over those k only.
+
+    Returns (gates [T, K], indices [T, K]); gates sum to 1 per token. Ties break the way
+    `torch.topk(sorted=True)` breaks them, like transformers and the reference.
+    """
+    if k < 1 or k > logits.shape[-1]:
+        raise ValueError(f"k must be in [1, {logits.shape[-1]}] (experts available), got {k}")
+    top_values, indices = torch.topk(logits, k, dim=-1, sorted=True)  # [T, K], [T, K]
+    gates = torch.softmax(top_values, dim=-1)  # [T, K]
+    return gates, indices
+
+
+def swiglu(
+    h: torch.Tensor, *, alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT
+) -> torch.Tensor:
+    """Clamped SwiGLU on interleaved h [..., 2F] -> [..., F].
+
+    z = min(a, limit) * sigmoid(alpha * min(a, limit)) * (clamp(u, -limit, limit) + 1) with
+    a = h[..., 0::2] (gate) and u = h[..., 1::2] (up). The `+ 1` is gpt-oss's implicit bias on
+    the linear half (reference §1.3).
+    """
+    gate = h[..., 0::2].clamp(max=limit)  # [..., F]
+    up = h[..., 1::2].clamp(min=-limit, max=limit)  # [..., F]
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+def expert_forward(
+    x: torch.Tensor,
+    gate_up_e: torch.Tensor,
+    gate_up_bias_e: torch.Tensor,
+    down_e: torch.Tensor,
+    down_bias_e: torch.Tensor,
+    *,
+    alpha: float = SWIGLU_ALPHA,
+    limit: float = SWIGLU_LIMIT,
+) -> torch.Tensor:
+    """One expert's output y_e = W2 swiglu(W1 x + b1) + b2 for x [T, D] -> [T, D].
+
+    gate_up_e [2F, D], gate_up_bias_e [2F], down_e [D, F], down_bias_e [D] (reference
+    orientation). The output includes the down bias and is *not* gate-weighted: this is the
+    y_e whose norm REAP scores.
+    """
+    h = torch.nn.functional.linear(x, gate_up_e, gate_up_bias_e)  # [T, 2F]
+    z = swiglu(h, alpha=alpha, limit=limit)  # [T, F]
+    return torch.nn.functional.linear(z, down_e, down_bias_e)  # [T, D]
+
+
+def moe_reference(
+    x: torch.Tensor,
+    router_w: torch.Tensor,
+    router_b: torch.Tensor,
+    gate_up: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down: torch.Tensor,
+    down_bias: torch.Tensor,
+    *,
+    top_k: int,
+    alpha: float = SWIGLU_ALPHA,
+    limit: float = SWIGLU_LIMIT,
+) -> torch.Tensor:
+    """The plain, readable MoE block: route, then loop over experts and add gate-weighted outputs.
+
+    x [T, D] is the post-attention RMSNorm output; returns the MoE output [T, D] (without the
+    residual). Weights in reference orientation: gate_up [E, 2F, D], gate_up_bias [E, 2F],
+    down [E, D, F], down_bias [E, D]. Kept deliberately simple as the yardstick for fast paths.
+    """
+    num_experts = gate_up.shape[0]
+    gates, indices = route_topk(router_logits(x, router_w, router_b), top_k)  # [T, K], [T, K]
+    out = torch.zeros_like(x)  # [T, D]
+    for expert in range(num_experts):
+        token_idx, slot = torch.where(indices == expert)  # tokens routed to this expert
+        if token_idx.numel() == 0:
+            continue
+        y = expert_forward(
+            x[token_idx],
+            gate_up[expert],
+            gate_up_bias[expert],
+            down[expert],
+            down_bias[expert],
+            alpha=alpha,
+            limit=limit,
+        )  # [n, D]
+        out.index_add_(0, token_idx, y * gates[token_idx, slot, None])
+    return out
