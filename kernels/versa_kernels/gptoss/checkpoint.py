@@ -1,0 +1,369 @@
+"""Streaming read and write of gpt-oss safetensors checkpoints, one tensor at a time.
+
+Reading: `Checkpoint(path)` opens `model.safetensors.index.json` (or a single / unindexed set of
+`*.safetensors` files), memory-maps shards with `safe_open`, and materializes only the tensor
+asked for, so peak host memory stays near the largest tensor (measured in
+benchmarks/bench_checkpoint_memory.py). `get_expert_weights(layer)` decodes a layer's experts to
+the reference orientation (gate_up [E, 2I, H], down [E, H, I]) from MXFP4 or BF16 layouts.
+
+Writing: `ShardedWriter` appends each tensor's bytes to the current shard's data file as it
+arrives (no shard is ever held in memory), then prefixes the safetensors header when the shard
+closes. Everything lands in `<out>.tmp-<hex>` and is renamed to `<out>` only after the index
+(`metadata.total_size`, `weight_map`) is written, so a reader never sees a half-written
+checkpoint and a failure leaves no `<out>`.
+
+What is easy to get wrong:
+
+- transformers' `save_pretrained` after `Mxfp4Config(dequantize=True)` writes BF16 data under the
+  `_blocks` names and reloading silently re-initialises experts (gptoss_reference.md §3.2): write
+  checkpoints with `ShardedWriter`, never with `save_pretrained`.
+- The hub's BF16 layout stores `gate_up_proj` as [E, H, 2I] (input-major); we transpose it back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from versa_kernels.errors import CheckpointFormatError
+from versa_kernels.gptoss.config import CONFIG_FILE, GptOssConfig
+from versa_kernels.gptoss.mxfp4 import decode_mxfp4
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"  # HF save_pretrained numbering
+HEADER_LENGTH_BYTES = 8  # little-endian u64 before the JSON header (safetensors format)
+HEADER_ALIGN = 8  # the header is space-padded so tensor data starts 8-byte aligned
+COPY_CHUNK_BYTES = 8 << 20
+DEFAULT_MAX_SHARD_BYTES = 5 << 30  # the size transformers' save_pretrained uses (5 GB)
+MISSING_PREVIEW = 5  # how many names an error lists
+
+# Files next to the weights that a rewritten checkpoint should carry over unchanged.
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+DTYPE_TO_SAFETENSORS = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+# Per-layer expert tensors by role. MXFP4 weights are a (blocks, scales) pair; BF16 ones a single
+# HF-orientation tensor. `get_expert_weights` dispatches on which form the checkpoint holds.
+EXPERT_PREFIX = "model.layers.{layer}.mlp.experts."
+MXFP4_WEIGHTS = {"gate_up": "gate_up_proj", "down": "down_proj"}
+EXPERT_BIASES = {"gate_up_bias": "gate_up_proj_bias", "down_bias": "down_proj_bias"}
+
+
+def expected_tensor_names(config: GptOssConfig) -> list[str]:
+    """Every tensor name an HF-layout gpt-oss checkpoint with this config must hold."""
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    expert_weights = (
+        [f"{w}_{part}" for w in MXFP4_WEIGHTS.values() for part in ("blocks", "scales")]
+        if config.is_mxfp4
+        else list(MXFP4_WEIGHTS.values())
+    )
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+        names += [p + f"self_attn.{m}_proj.{t}" for m in "qkvo" for t in ("weight", "bias")]
+        names += [p + "self_attn.sinks", p + "mlp.router.weight", p + "mlp.router.bias"]
+        names += [p + "mlp.experts." + n for n in expert_weights + list(EXPERT_BIASES.values())]
+    return names
+
+
+class Checkpoint:
+    """A gpt-oss checkpoint directory read lazily: `get(name)` materializes one tensor."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointFormatError(f"checkpoint directory {self.path} does not exist")
+        self.config = GptOssConfig.from_dir(self.path)
+        self._weight_map = _read_weight_map(self.path)
+        self._handles: dict[str, Any] = {}
+
+    def names(self) -> list[str]:
+        """All tensor names, sorted."""
+        return sorted(self._weight_map)
+
+    def shard_of(self, name: str) -> str:
+        """The shard file (relative name) holding `name`."""
+        self._require([name])
+        return self._weight_map[name]
+
+    def info(self, name: str) -> tuple[str, list[int]]:
+        """(safetensors dtype string, shape) of one tensor, read from the header only."""
+        handle = self._handle(self.shard_of(name))
+        tensor_slice = handle.get_slice(name)
+        return tensor_slice.get_dtype(), list(tensor_slice.get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (memory-mapped shard, only this tensor's bytes are copied)."""
+        return self._handle(self.shard_of(name)).get_tensor(name)
+
+    def check_complete(self) -> None:
+        """Raise CheckpointFormatError naming the first missing tensors, if any are missing."""
+        self._require(expected_tensor_names(self.config))
+
+    def get_expert_weights(
+        self, layer: int, *, dtype: torch.dtype = torch.float32
+    ) -> dict[str, torch.Tensor]:
+        """One layer's experts, dequantized to the reference orientation in `dtype`.
+
+        Returns gate_up [E, 2I, H], gate_up_bias [E, 2I], down [E, H, I], down_bias [E, H].
+        MXFP4 is decoded in bf16 (the exact values, as transformers does) and then cast.
+        """
+        prefix = EXPERT_PREFIX.format(layer=layer)
+        self.config.num_experts(layer)  # IndexError on a bad layer number
+        out: dict[str, torch.Tensor] = {}
+        for role, base in MXFP4_WEIGHTS.items():
+            blocks, scales = prefix + base + "_blocks", prefix + base + "_scales"
+            if blocks in self._weight_map:
+                self._require([blocks, scales])
+                weight = decode_mxfp4(self.get(blocks), self.get(scales), dtype=torch.bfloat16)
+                out[role] = weight.to(dtype)  # [E, rows, cols]
+            else:
+                self._require([prefix + base])
+                out[role] = self.get(prefix + base).transpose(1, 2).to(dtype).contiguous()
+        for role, name in EXPERT_BIASES.items():
+            self._require([prefix + name])
+            out[role] = self.get(prefix + name).to(dtype)
+        return out
+
+    def close(self) -> None:
+        """Drop the shard handles (and their memory maps)."""
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _require(self, names: list[str]) -> None:
+        missing = [n for n in names if n not in self._weight_map]
+        if missing:
+            shown = ", ".join(missing[:MISSING_PREVIEW])
+            more = (
+                f" and {len(missing) - MISSING_PREVIEW} more"
+                if len(missing) > MISSING_PREVIEW
+                else ""
+            )
+            raise CheckpointFormatError(
+                f"{self.path}: missing {len(missing)} tensor(s): {shown}{more}",
+                hint="The checkpoint is incomplete or not in the HF gpt-oss layout; re-download it.",
+            )
+
+    def _handle(self, shard: str) -> Any:
+        if shard not in self._handles:
+            file = self.path / shard
+            if not file.is_file():
+                raise CheckpointFormatError(
+                    f"{self.path}: shard {shard} named in the index is missing"
+                )
+            self._handles[shard] = safe_open(str(file), framework="pt")
+        return self._handles[shard]
+
+
+def _read_weight_map(path: Path) -> dict[str, str]:
+    """tensor name -> shard file, from the index, or from the headers of unindexed files."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointFormatError(f"{index} is not a valid safetensors index: {exc}") from exc
+        return dict(weight_map)
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointFormatError(
+            f"{path}: no {INDEX_FILE} and no *.safetensors files",
+            hint="Point at the directory holding config.json and the model-*.safetensors shards.",
+        )
+    weight_map: dict[str, str] = {}
+    for name in files:
+        with safe_open(str(path / name), framework="pt") as handle:
+            for key in handle.keys():
+                weight_map[key] = name
+    return weight_map
+
+
+class ShardedWriter:
+    """Write tensors into size-capped safetensors shards plus an index, atomically.
+
+    Use as a context manager: on a clean exit the temporary directory `<out>.tmp-<hex>` is
+    completed (shards renamed `model-0000i-of-0000n.safetensors`, index written) and renamed to
+    `out_dir`; on an exception it is deleted and `out_dir` is left as it was.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        metadata: dict[str, str] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        if max_shard_bytes < 1:
+            raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not overwrite:
+            raise CheckpointFormatError(
+                f"output directory {self.out_dir} already exists",
+                hint="Choose a new output directory or remove the old one first.",
+            )
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.tmp_dir = self.out_dir.with_name(f"{self.out_dir.name}.tmp-{secrets.token_hex(4)}")
+        self.tmp_dir.mkdir(parents=True)
+        self._shards: list[tuple[Path, dict[str, Any]]] = []  # (data file, header) per shard
+        self._data: Any = None
+        self._offset = 0
+        self._names: set[str] = set()
+        self.total_size = 0
+        self._closed = False
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor; a new shard starts when this one would exceed the cap."""
+        if self._closed:
+            raise RuntimeError("ShardedWriter is closed")
+        if name in self._names:
+            raise ValueError(f"tensor {name} was already written")
+        if tensor.dtype not in DTYPE_TO_SAFETENSORS:
+            raise ValueError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)  # [nbytes]
+        nbytes = data.numel()
+        if self._data is None or (self._offset and self._offset + nbytes > self.max_shard_bytes):
+            self._start_shard()
+        self._data.write(data.numpy().data)
+        header = self._shards[-1][1]
+        header[name] = {
+            "dtype": DTYPE_TO_SAFETENSORS[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self._offset, self._offset + nbytes],
+        }
+        self._offset += nbytes
+        self.total_size += nbytes
+        self._names.add(name)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """Write a JSON side file (config.json, generation_config.json) into the checkpoint."""
+        (self.tmp_dir / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+    def copy_side_files(
+        self, src_dir: str | os.PathLike[str], names: tuple[str, ...] = SIDE_FILES
+    ) -> list[str]:
+        """Copy tokenizer, chat template and generation config from `src_dir`; returns those copied."""
+        copied = []
+        for name in names:
+            src = Path(src_dir) / name
+            if src.is_file():
+                shutil.copyfile(src, self.tmp_dir / name)
+                copied.append(name)
+        return copied
+
+    def commit(self) -> Path:
+        """Finish shards, write the index, and rename the temporary directory to `out_dir`."""
+        if self._closed:
+            raise RuntimeError("ShardedWriter is closed")
+        self._close_data()
+        count = len(self._shards)
+        weight_map: dict[str, str] = {}
+        for i, (data_file, header) in enumerate(self._shards, start=1):
+            shard_name = SHARD_NAME.format(index=i, count=count)
+            _assemble_shard(self.tmp_dir / shard_name, data_file, header, self.metadata)
+            weight_map.update({k: shard_name for k in header})
+        index = {
+            "metadata": {"total_size": self.total_size},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (self.tmp_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        if self.out_dir.exists():
+            old = self.out_dir.with_name(f"{self.out_dir.name}.old-{secrets.token_hex(4)}")
+            os.replace(self.out_dir, old)
+            os.replace(self.tmp_dir, self.out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(self.tmp_dir, self.out_dir)
+        self._closed = True
+        log.info(
+            "wrote %d tensors, %d bytes in %d shard(s) to %s",
+            len(weight_map),
+            self.total_size,
+            count,
+            self.out_dir,
+        )
+        return self.out_dir
+
+    def abort(self) -> None:
+        """Delete the temporary directory; `out_dir` is untouched."""
+        self._close_data()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self._closed = True
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._closed:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def _start_shard(self) -> None:
+        self._close_data()
+        data_file = self.tmp_dir / f".shard-{len(self._shards):05d}.data"
+        self._data = open(data_file, "wb")  # noqa: SIM115 - closed in _close_data
+        self._shards.append((data_file, {}))
+        self._offset = 0
+
+    def _close_data(self) -> None:
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+
+
+def _assemble_shard(
+    out: Path, data_file: Path, header: dict[str, Any], metadata: dict[str, str]
+) -> None:
+    """Write the safetensors header, then stream the data file after it and delete it."""
+    header_bytes = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % HEADER_ALIGN)
+    with open(out, "wb") as dst, open(data_file, "rb") as src:
+        dst.write(struct.pack("<Q", len(header_bytes)))
+        dst.write(header_bytes)
+        shutil.copyfileobj(src, dst, COPY_CHUNK_BYTES)
+        dst.flush()
+        os.fsync(dst.fileno())
+    data_file.unlink()
+
+
+def read_config_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The raw `config.json` of a checkpoint (for rewrites that must keep unknown keys)."""
+    return json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
