@@ -1,0 +1,442 @@
+"""Pair summary of two EAFT collector runs and the `near-lossless-v1` gate (host CPU, no torch).
+
+`versa-run summarize --left-json BASE.json --right-json CANDIDATE.json --out-md REPORT.md
+[--gates-json GATES.json]` (and `scripts/summarize_eaft_pair.py` with the same flags) compares a
+baseline (left) and a candidate (right) run of the `eaft_single` collector and writes a markdown
+report with the gate verdict (eaftreap_spec §7, with the fixes of §11.3):
+
+- Rows: every (pack, seq) present in both runs: PPL, CC rate, mean p (each run's own exact
+  thresholds), their deltas (right - left), and JS2D, the Jensen-Shannon divergence (natural
+  log, range [0, ln 2]) of the two normalized p/H_norm 2-D histograms.
+- Gate: read from a versioned gates JSON (default: the one shipped with the package). PASS iff
+  every hero row (primary pack at each primary seq) satisfies all four checks. Per-pack rows
+  never change the verdict but are flagged as warnings when they would fail.
+- Refusals (ConfigError, exit 2, no verdict written): a missing or empty histogram, a missing
+  hero row, different blocks (`rows_sha256`) or different settings (entropy top-k, bins, prob
+  scale, range, CC quantile). The predecessor silently passed in the first three cases.
+- Also reported: CC of both models under the **left** model's thresholds, estimated from the
+  2-D histograms with bin midpoints (the only per-token data in the JSON is binned).
+
+Pure python + `math` so it runs where torch is absent; matplotlib is imported lazily for plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from versa_runner.errors import ConfigError, UsageError, VersaRunError
+from versa_runner.fsutil import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+GATES_SCHEMA_VERSION = 1
+EAFT_SCHEMA_VERSION = 1
+DEFAULT_GATES_PATH = Path(__file__).with_name("near_lossless_gates.json")
+# Settings that change what a number means; two runs that differ in any are not comparable.
+SETTINGS_THAT_MUST_MATCH = (
+    "entropy_topk",
+    "hist_xbins",
+    "hist_ybins",
+    "prob_scale",
+    "x_min",
+    "x_max",
+    "cc_quantile",
+)
+PPL_BOUND_RULES = ("min", "max")
+CHECK_NAMES = ("ppl", "cc", "mean_p", "js2d")
+
+
+@dataclass(frozen=True)
+class Gates:
+    """A versioned gate: hero rows and the thresholds each of them must meet."""
+
+    name: str
+    path: str
+    primary_pack: str
+    primary_seq_lens: tuple[str, ...]
+    ppl_bound: str
+    max_abs_delta_ppl: float
+    max_rel_delta_ppl: float
+    max_abs_delta_cc_rate: float
+    max_abs_delta_mean_prob: float
+    max_js2d: float
+
+    def ppl_limit(self, ppl_left: float) -> float:
+        """Allowed |dPPL| for a baseline PPL (min of abs and rel*base under v1)."""
+        pick = min if self.ppl_bound == "min" else max
+        return pick(self.max_abs_delta_ppl, self.max_rel_delta_ppl * ppl_left)
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One check of one row: `value` must be <= `limit`."""
+
+    name: str
+    value: float
+    limit: float
+
+    @property
+    def ok(self) -> bool:
+        return self.value <= self.limit
+
+
+@dataclass(frozen=True)
+class PairRow:
+    """One (pack, seq) compared across the two runs; deltas are right - left."""
+
+    pack: str
+    seq: str
+    ppl_left: float
+    ppl_right: float
+    cc_left: float
+    cc_right: float
+    mean_p_left: float
+    mean_p_right: float
+    js2d: float
+    cc_left_at_left_thr: float
+    cc_right_at_left_thr: float
+    kept_left: int
+    kept_right: int
+
+    @property
+    def delta_ppl(self) -> float:
+        return self.ppl_right - self.ppl_left
+
+    @property
+    def delta_cc(self) -> float:
+        return self.cc_right - self.cc_left
+
+    @property
+    def delta_mean_p(self) -> float:
+        return self.mean_p_right - self.mean_p_left
+
+    def checks(self, gates: Gates) -> list[GateCheck]:
+        """The four gate checks of this row, in CHECK_NAMES order."""
+        return [
+            GateCheck("ppl", abs(self.delta_ppl), gates.ppl_limit(self.ppl_left)),
+            GateCheck("cc", abs(self.delta_cc), gates.max_abs_delta_cc_rate),
+            GateCheck("mean_p", abs(self.delta_mean_p), gates.max_abs_delta_mean_prob),
+            GateCheck("js2d", self.js2d, gates.max_js2d),
+        ]
+
+
+@dataclass(frozen=True)
+class PairSummary:
+    """Everything the report shows: labels, rows, hero rows, verdict, failures, warnings."""
+
+    left_label: str
+    right_label: str
+    gates: Gates
+    rows: tuple[PairRow, ...]
+    hero_rows: tuple[PairRow, ...]
+    failures: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def load_gates(path: str | Path | None = None) -> Gates:
+    """Read a gates JSON (default: the packaged near-lossless-v1); malformed is a ConfigError."""
+    gates_path = Path(path) if path is not None else DEFAULT_GATES_PATH
+    raw = _read_json(gates_path, param="--gates-json")
+    hint = f"Start from the shipped gates file {DEFAULT_GATES_PATH} and change only thresholds."
+    if raw.get("schema_version") != GATES_SCHEMA_VERSION:
+        raise ConfigError(
+            f"--gates-json {gates_path}: schema_version must be {GATES_SCHEMA_VERSION}, "
+            f"got {raw.get('schema_version')!r}",
+            hint=hint,
+        )
+    thresholds = raw.get("thresholds")
+    keys = ("max_abs_delta_ppl", "max_rel_delta_ppl", "max_abs_delta_cc_rate")
+    keys += ("max_abs_delta_mean_prob", "max_js2d")
+    if not isinstance(thresholds, dict) or any(
+        not isinstance(thresholds.get(k), (int, float)) for k in keys
+    ):
+        raise ConfigError(
+            f"--gates-json {gates_path}: 'thresholds' must hold numbers for {', '.join(keys)}",
+            hint=hint,
+        )
+    ppl_bound = raw.get("ppl_bound", "min")
+    if ppl_bound not in PPL_BOUND_RULES:
+        raise ConfigError(
+            f"--gates-json {gates_path}: ppl_bound must be one of {PPL_BOUND_RULES}, got {ppl_bound!r}",
+            hint=hint,
+        )
+    seqs = raw.get("primary_seq_lens")
+    if not isinstance(raw.get("primary_pack"), str) or not isinstance(seqs, list) or not seqs:
+        raise ConfigError(
+            f"--gates-json {gates_path}: needs 'primary_pack' (string) and a non-empty "
+            "'primary_seq_lens' list",
+            hint=hint,
+        )
+    return Gates(
+        name=str(raw.get("name", gates_path.stem)),
+        path=str(gates_path),
+        primary_pack=raw["primary_pack"],
+        primary_seq_lens=tuple(str(s) for s in seqs),
+        ppl_bound=ppl_bound,
+        **{k: float(thresholds[k]) for k in keys},
+    )
+
+
+def load_eaft_json(path: str | Path, *, param: str) -> dict[str, Any]:
+    """Read one collector JSON, upgrading the predecessor's unversioned layout."""
+    raw = _read_json(Path(path), param=param)
+    if "schema_version" not in raw:
+        raw = _upgrade_v0(raw, path)
+    if raw.get("schema_version") != EAFT_SCHEMA_VERSION:
+        raise ConfigError(
+            f"{param} {path}: schema_version {raw.get('schema_version')!r} is not supported "
+            f"(expected {EAFT_SCHEMA_VERSION})",
+            hint="Re-run the eaft_single task with this version of versa-runner.",
+        )
+    if not isinstance(raw.get("meta"), dict) or not isinstance(raw.get("packs"), list):
+        raise ConfigError(
+            f"{param} {path}: not an EAFT collector JSON (needs 'meta' and a 'packs' list)",
+            hint="Pass the JSON written by the eaft_single task (artifacts/eaft_models/...).",
+        )
+    return raw
+
+
+def _upgrade_v0(raw: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The predecessor's collector wrote the same fields without schema_version."""
+    log.info("%s: no schema_version; reading it as the unversioned layout (schema 1)", path)
+    return {**raw, "schema_version": EAFT_SCHEMA_VERSION}
+
+
+def js_divergence_2d(counts_left: Sequence[float], counts_right: Sequence[float]) -> float:
+    """Jensen-Shannon divergence (nats) of two histograms given as flat counts.
+
+    Why: PPL and mean p average away shape changes; JS of the joint p/H_norm histogram sees a
+    shift of mass between regions. Each histogram is normalized to sum 1 (shorter one zero
+    padded); JS = KL(P||M)/2 + KL(Q||M)/2 with M = (P+Q)/2, terms with zero mass skipped, so
+    the result is in [0, ln 2]. An empty histogram has no distribution: ValueError.
+    """
+    size = max(len(counts_left), len(counts_right))
+    a = list(counts_left) + [0.0] * (size - len(counts_left))
+    b = list(counts_right) + [0.0] * (size - len(counts_right))
+    total_a, total_b = math.fsum(a), math.fsum(b)
+    if total_a <= 0 or total_b <= 0:
+        raise ValueError("JS divergence of an empty histogram is undefined")
+    kl_pm, kl_qm = [], []
+    for ca, cb in zip(a, b, strict=True):
+        p, q = ca / total_a, cb / total_b
+        m = 0.5 * (p + q)
+        if p > 0:
+            kl_pm.append(p * math.log(p / m))
+        if q > 0:
+            kl_qm.append(q * math.log(q / m))
+    return max(0.0, 0.5 * math.fsum(kl_pm) + 0.5 * math.fsum(kl_qm))
+
+
+def cc_rate_under_thresholds(model: dict[str, Any], *, x_thr: float, h_thr: float) -> float:
+    """Share of a run's histogram mass in cells whose midpoints lie below both thresholds.
+
+    An estimate (bin midpoints, eaftreap_spec §7 dashboard rule) used to put both runs under the
+    left run's thresholds; the exact per-run rates come from the collector.
+    """
+    hist = model["hist2d_x_H"]
+    x_edges, y_edges, counts = hist["x_edges"], hist["y_edges"], hist["counts"]
+    ybins = int(hist["ybins"])
+    total = math.fsum(counts)
+    if total <= 0:
+        return float("nan")
+    hit = 0.0
+    for ix in range(int(hist["xbins"])):
+        if 0.5 * (x_edges[ix] + x_edges[ix + 1]) >= x_thr:
+            continue
+        for iy in range(ybins):
+            if 0.5 * (y_edges[iy] + y_edges[iy + 1]) < h_thr:
+                hit += counts[ix * ybins + iy]  # flat x-major: idx = ix*ybins + iy
+    return hit / total
+
+
+def compare_runs(left: dict[str, Any], right: dict[str, Any], gates: Gates) -> PairSummary:
+    """Rows, verdict, failures and warnings for two loaded collector JSONs (refuses if unsafe)."""
+    _refuse_on_setting_mismatch(left["meta"], right["meta"])
+    left_packs, right_packs = _index_rows(left), _index_rows(right)
+    for seq in gates.primary_seq_lens:
+        for side, packs in (("--left-json", left_packs), ("--right-json", right_packs)):
+            if (gates.primary_pack, seq) not in packs:
+                raise ConfigError(
+                    f"{side}: hero row pack={gates.primary_pack} seq={seq} is missing, so the "
+                    f"gate {gates.name} cannot be decided",
+                    hint="Collect with --seq-lens-csv including "
+                    f"{','.join(gates.primary_seq_lens)} (UNION is always collected), or pass a "
+                    "--gates-json whose primary_seq_lens match the run.",
+                )
+    rows = []
+    for key in sorted(set(left_packs) & set(right_packs), key=lambda k: (k[0], int(k[1]))):
+        rows.append(_pair_row(key, left_packs[key], right_packs[key]))
+    hero = tuple(
+        r for r in rows if r.pack == gates.primary_pack and r.seq in gates.primary_seq_lens
+    )
+    failures, warnings = [], []
+    for row in rows:
+        failed = [c for c in row.checks(gates) if not c.ok]
+        if not failed:
+            continue
+        text = f"pack={row.pack} seq={row.seq}: " + "; ".join(_describe(c) for c in failed)
+        (failures if row in hero else warnings).append(text)
+    return PairSummary(
+        left_label=_label(left, "left"),
+        right_label=_label(right, "right"),
+        gates=gates,
+        rows=tuple(rows),
+        hero_rows=hero,
+        failures=tuple(failures),
+        warnings=tuple(warnings),
+    )
+
+
+def _describe(check: GateCheck) -> str:
+    shown = {"ppl": "|dPPL|", "cc": "|dCC|", "mean_p": "|dmean_p|", "js2d": "JS2D"}[check.name]
+    return f"{check.name} failed ({shown}={check.value:.4g} > {check.limit:.4g})"
+
+
+def _refuse_on_setting_mismatch(left_meta: dict[str, Any], right_meta: dict[str, Any]) -> None:
+    differ = [
+        f"{k}: left={left_meta.get(k)!r} right={right_meta.get(k)!r}"
+        for k in SETTINGS_THAT_MUST_MATCH
+        if left_meta.get(k) != right_meta.get(k)
+    ]
+    if differ:
+        raise ConfigError(
+            "the two runs used different settings, so their numbers are not comparable: "
+            + "; ".join(differ),
+            hint="Re-collect one side with the other's settings (same --entropy-topk, bins, "
+            "prob scale).",
+        )
+
+
+def _index_rows(run: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for pack in run["packs"]:
+        for seq, entry in pack.get("seq", {}).items():
+            out.setdefault((str(pack["pack"]), str(seq)), entry)
+    return out
+
+
+def _pair_row(key: tuple[str, str], left: dict[str, Any], right: dict[str, Any]) -> PairRow:
+    pack, seq = key
+    if left.get("rows_sha256") != right.get("rows_sha256") or not left.get("rows_sha256"):
+        raise ConfigError(
+            f"pack={pack} seq={seq}: the runs used different blocks (rows_sha256 "
+            f"{str(left.get('rows_sha256'))[:12]}... vs {str(right.get('rows_sha256'))[:12]}...)",
+            hint="Collect both models with the same packs, --num-blocks and --seq-lens-csv.",
+        )
+    lm, rm = left["model"], right["model"]
+    for side, model in (("left", lm), ("right", rm)):
+        hist = model.get("hist2d_x_H") or {}
+        counts = hist.get("counts") or []
+        if (
+            not counts
+            or math.fsum(counts) <= 0
+            or len(counts) != int(hist["xbins"]) * int(hist["ybins"])
+        ):
+            raise ConfigError(
+                f"pack={pack} seq={seq}: the {side} run has no usable 2-D histogram "
+                "(missing, empty or not xbins*ybins counts)",
+                hint="Re-collect that run; a JS2D of a missing histogram would be a silent pass.",
+            )
+    return PairRow(
+        pack=pack,
+        seq=seq,
+        ppl_left=float(lm["ppl"]),
+        ppl_right=float(rm["ppl"]),
+        cc_left=float(lm["cc_rate"]),
+        cc_right=float(rm["cc_rate"]),
+        mean_p_left=float(lm["mean_prob"]),
+        mean_p_right=float(rm["mean_prob"]),
+        js2d=js_divergence_2d(lm["hist2d_x_H"]["counts"], rm["hist2d_x_H"]["counts"]),
+        cc_left_at_left_thr=cc_rate_under_thresholds(lm, x_thr=lm["x_thr"], h_thr=lm["h_thr"]),
+        cc_right_at_left_thr=cc_rate_under_thresholds(rm, x_thr=lm["x_thr"], h_thr=lm["h_thr"]),
+        kept_left=int(lm.get("kept_tokens", 0)),
+        kept_right=int(rm.get("kept_tokens", 0)),
+    )
+
+
+def _label(run: dict[str, Any], fallback: str) -> str:
+    return str(run["meta"].get("model_id") or run.get("_path_stem") or fallback)
+
+
+def _read_json(path: Path, *, param: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise UsageError(
+            f"{param} {path}: file not found", hint=f"Pass an existing JSON file to {param}."
+        )
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"{param} {path}: not readable JSON ({exc})", hint="Check the file."
+        ) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{param} {path}: top level must be a JSON object", hint="Check the file."
+        )
+    return raw
+
+
+def summarize_pair(
+    left_json: str | Path,
+    right_json: str | Path,
+    out_md: str | Path,
+    gates_json: str | Path | None = None,
+) -> PairSummary:
+    """Load, compare, plot and write the markdown report; returns the summary (raises on refusal)."""
+    from versa_runner.summary_report import render_markdown, write_plots
+
+    gates = load_gates(gates_json)
+    left = load_eaft_json(left_json, param="--left-json")
+    right = load_eaft_json(right_json, param="--right-json")
+    left.setdefault("_path_stem", Path(left_json).stem)
+    right.setdefault("_path_stem", Path(right_json).stem)
+    summary = compare_runs(left, right, gates)
+    out_path = Path(out_md)
+    plots, plot_note = write_plots(summary, left, right, out_path)
+    atomic_write_text(out_path, render_markdown(summary, plots=plots, plot_note=plot_note))
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of `versa-run summarize` and `scripts/summarize_eaft_pair.py` (the playbook's)."""
+    parser = argparse.ArgumentParser(
+        prog="versa-run summarize",
+        description="Compare two eaft_single JSONs and decide the near-lossless gate. "
+        "Exit 0 on PASS, 1 on FAIL, 2 when the pair cannot be compared.",
+        epilog="Example: versa-run summarize --left-json base.json --right-json pruned.json "
+        "--out-md reports/parity.md",
+    )
+    parser.add_argument("--left-json", required=True, help="baseline collector JSON")
+    parser.add_argument("--right-json", required=True, help="candidate collector JSON")
+    parser.add_argument("--out-md", required=True, help="markdown report to write")
+    parser.add_argument(
+        "--gates-json", default=None, help=f"gates file (default {DEFAULT_GATES_PATH.name})"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: 0 PASS, 1 FAIL, the error's exit code (2) when the pair is refused."""
+    args = build_parser().parse_args(argv)
+    try:
+        summary = summarize_pair(args.left_json, args.right_json, args.out_md, args.gates_json)
+    except VersaRunError as exc:
+        sys.stderr.write(f"error: {exc}\n" + (f"hint: {exc.hint}\n" if exc.hint else ""))
+        return int(exc.exit_code)
+    verdict = "PASS" if summary.passed else "FAIL"
+    sys.stdout.write(f"[+] Wrote {args.out_md}\nGate {summary.gates.name}: {verdict}\n")
+    for failure in summary.failures:
+        sys.stdout.write(f"  - {failure}\n")
+    return 0 if summary.passed else 1
