@@ -33,6 +33,7 @@ __all__ = [
     "SWIGLU_ALPHA",
     "SWIGLU_LIMIT",
     "expert_forward",
+    "moe_grouped",
     "moe_reference",
     "route_topk",
     "router_logits",
@@ -130,3 +131,59 @@ def moe_reference(
         )  # [n, D]
         out.index_add_(0, token_idx, y * gates[token_idx, slot, None])
     return out
+
+
+def moe_grouped(
+    x: torch.Tensor,
+    router_w: torch.Tensor,
+    router_b: torch.Tensor,
+    gate_up: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down: torch.Tensor,
+    down_bias: torch.Tensor,
+    *,
+    top_k: int,
+    alpha: float = SWIGLU_ALPHA,
+    limit: float = SWIGLU_LIMIT,
+    expert_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MoE block, grouped by expert: each routed (token, expert) output is computed exactly once.
+
+    Same arguments as `moe_reference` plus `expert_mask` [E] (True = kept; masked experts get a
+    router logit of -inf, which equals removing them, reference §1.10). Differentiable.
+
+    Returns (out [T, D], indices [T, K], gates [T, K], y_norm [T, K]) where y_norm is the L2 norm
+    of each routed expert's own output y_e in fp32.
+    """
+    T, D = x.shape
+    num_experts = gate_up.shape[0]
+    logits = router_logits(x, router_w, router_b)  # [T, E]
+    if expert_mask is not None:
+        logits = logits.masked_fill(~expert_mask.to(logits.device), float("-inf"))
+    gates, indices = route_topk(logits, top_k)  # [T, K], [T, K]
+
+    flat_expert = indices.reshape(-1)  # [T*K], assignment a = t*K + k
+    order = torch.argsort(flat_expert, stable=True)  # assignments grouped by expert
+    counts = torch.bincount(flat_expert, minlength=num_experts).tolist()
+    token_of = order // top_k  # [T*K] token of each grouped assignment
+    pieces = []
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = token_of[start : start + count]
+        pieces.append(
+            expert_forward(
+                x[rows],
+                gate_up[expert],
+                gate_up_bias[expert],
+                down[expert],
+                down_bias[expert],
+                alpha=alpha,
+                limit=limit,
+            )
+        )  # [count, D]
+        start += count
+    y = torch.cat(pieces)[torch.argsort(order)].view(T, top_k, D)  # [T, K, D] back in token order
+    out = (y * gates.unsqueeze(-1).to(y.dtype)).sum(dim=1)  # [T, D]
+    return out, indices, gates, y.detach().float().norm(dim=-1)

@@ -1,0 +1,149 @@
+"""gpt-oss attention pieces: RMSNorm, YaRN rotary embedding, and attention with learned sinks.
+
+Written from gptoss_reference.md §1.5 and checked against transformers' `GptOssAttention`
+(eager). Dimension letters: B batch, T tokens, D hidden, N query heads, G key/value heads,
+d head size.
+
+What is easy to get wrong:
+
+- Sinks: one learned logit per query head is appended as an extra key column; softmax runs over
+  [scores, sink] and the sink column is then dropped, so the weights sum to less than one.
+- Sliding window (layer_types[i] == "sliding_attention"): a query at q sees keys k with
+  q - window < k <= q, i.e. `window` positions including itself.
+- Rotary is half-split (NeoX style: first half / second half of d), not interleaved pairs.
+- YaRN blends interpolated and extrapolated frequencies with a linear ramp over
+  [low, high] dimensions and scales cos/sin by 0.1 ln(factor) + 1. transformers truncates
+  (floors/ceils) the ramp bounds unless `truncate: false`; gpt-oss's config says false.
+- Norms run in fp32 and cast back, with the gain applied in fp32 (transformers keeps norm weights
+  in fp32 even in a bf16 model).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+DEFAULT_QUERY_CHUNK = 1024
+"""Queries per attention chunk: bounds the [N, chunk, T] score tensor for long blocks."""
+
+YARN_DEFAULT_BETA_FAST = 32.0
+YARN_DEFAULT_BETA_SLOW = 1.0
+
+__all__ = ["DEFAULT_QUERY_CHUNK", "rms_norm", "rope_cos_sin", "apply_rope", "sdpa_with_sinks"]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32, gain applied in fp32, result cast back to x's dtype."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * x32).to(x.dtype)
+
+
+def _yarn_inv_freq(
+    head_dim: int, theta: float, scaling: Mapping[str, Any]
+) -> tuple[torch.Tensor, float]:
+    """YaRN inverse frequencies [d/2] and the cos/sin scale (arXiv 2309.00071, §3.2-3.4)."""
+    factor = float(scaling["factor"])
+    original_context = float(scaling["original_max_position_embeddings"])
+    beta_fast = float(scaling.get("beta_fast") or YARN_DEFAULT_BETA_FAST)
+    beta_slow = float(scaling.get("beta_slow") or YARN_DEFAULT_BETA_SLOW)
+    attention_scale = scaling.get("attention_factor")
+    if attention_scale is None:
+        attention_scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    def correction_dim(rotations: float) -> float:
+        # The dimension whose wavelength fits `rotations` times into the original context.
+        return (
+            head_dim
+            * math.log(original_context / (rotations * 2 * math.pi))
+            / (2 * math.log(theta))
+        )
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+
+    freq_base = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # [d/2]
+    extrapolated = 1.0 / freq_base
+    interpolated = 1.0 / (factor * freq_base)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep_extrapolated = 1 - ramp  # 1 for high-frequency dims (kept), 0 for low (interpolated)
+    inv_freq = interpolated * (1 - keep_extrapolated) + extrapolated * keep_extrapolated
+    return inv_freq, float(attention_scale)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor,
+    *,
+    head_dim: int,
+    theta: float,
+    scaling: Mapping[str, Any] | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [T, d/2] for integer positions [T], computed in fp32 then cast."""
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if scaling and rope_type == "yarn":
+        inv_freq, scale = _yarn_inv_freq(head_dim, theta, scaling)
+    elif rope_type in ("default", None):
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        scale = 1.0
+    else:
+        raise ValueError(f"rope_scaling.rope_type must be 'yarn' or 'default', got {rope_type!r}")
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]  # [T, d/2]
+    return (freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split rotation of x [B, heads, T, d] by cos/sin [T, d/2]."""
+    first, second = x.chunk(2, dim=-1)  # [B, h, T, d/2] each
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+def sdpa_with_sinks(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    S: torch.Tensor,
+    *,
+    sm_scale: float,
+    sliding_window: int | None,
+    query_chunk: int = DEFAULT_QUERY_CHUNK,
+) -> torch.Tensor:
+    """Causal attention with one learned sink logit per head, optionally banded.
+
+    Q [B, N, T, d], K and V [B, G, T, d] with N a multiple of G (grouped-query attention),
+    S [N] sink logits. Returns [B, T, N*d]. Queries are processed in chunks of `query_chunk`
+    so the score tensor is [B, N, chunk, T] rather than [B, N, T, T]; a banded layer only
+    looks at the keys its window can reach.
+    """
+    B, N, T, d = Q.shape
+    G = K.shape[1]
+    K = K.repeat_interleave(N // G, dim=1)  # [B, N, T, d]
+    V = V.repeat_interleave(N // G, dim=1)  # [B, N, T, d]
+    positions = torch.arange(T, device=Q.device)
+    outputs = []
+    for start in range(0, T, query_chunk):
+        stop = min(start + query_chunk, T)
+        key_start = 0 if sliding_window is None else max(0, start - sliding_window + 1)
+        q_pos = positions[start:stop, None]  # [c, 1]
+        k_pos = positions[None, key_start:stop]  # [1, k]
+        visible = k_pos <= q_pos
+        if sliding_window is not None:
+            visible = visible & (k_pos > q_pos - sliding_window)
+        scores = torch.matmul(Q[:, :, start:stop], K[:, :, key_start:stop].transpose(-1, -2))
+        scores = scores * sm_scale  # [B, N, c, k]
+        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+        sinks = S.to(scores.dtype).view(1, N, 1, 1).expand(B, N, stop - start, 1)  # [B, N, c, 1]
+        logits = torch.cat([scores, sinks], dim=-1)  # [B, N, c, k+1]
+        # Subtracting the row max keeps bf16 from overflowing; softmax is unchanged by it.
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(logits, dim=-1)[..., :-1]  # drop the sink column
+        outputs.append(torch.matmul(probs.to(V.dtype), V[:, :, key_start:stop]))  # [B, N, c, d]
+    out = torch.cat(outputs, dim=2)  # [B, N, T, d]
+    return out.transpose(1, 2).reshape(B, T, N * d)  # [B, T, N*d]

@@ -1,0 +1,447 @@
+"""The project's own gpt-oss forward, written from the formulas, with per-layer expert counts.
+
+References: gptoss_reference.md §1 (MoE math, block structure), transformers 5.23
+`modeling_gpt_oss.py` (checked against it to 1e-4 in fp32 on CPU by tests/test_forward.py).
+Dimension letters: B batch, T tokens, D hidden, E experts (per layer), K top-k, F expert
+intermediate, V vocabulary.
+
+What this forward has that the transformers one does not:
+
+- A different number of experts in each layer (config.experts_per_layer), for per-layer pruned
+  checkpoints, and `experts_keep` to slice experts physically at load.
+- No forward hooks: `forward(..., collect_moe=True)` returns, per MoE layer, the selected experts,
+  their gates and the L2 norm of each routed expert's output y_e (incl. its down bias, before
+  gate weighting) - what REAP scoring needs. Each routed expert output is computed once, on the
+  tokens routed to it (grouped by expert), never densely for all experts.
+- `router_mask` emulates pruning by masking router logits (reference §1.10: equal to slicing).
+- `top_k` override to run with a different number of experts per token.
+- Logits are never materialized as [T, V] unless asked: `iter_logit_chunks` yields slices.
+
+What is easy to get wrong is listed in `expert_math` (router, SwiGLU) and `attention` (sinks,
+window, YaRN). Module attribute names equal the HF checkpoint tensor names, except the experts,
+which hold dequantized weights in reference orientation under the names that
+`Checkpoint.get_expert_weights` returns (gate_up [E, 2F, D], gate_up_bias, down [E, D, F],
+down_bias), so loading is one loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from versa_kernels.errors import CheckpointFormatError, ParameterError
+from versa_kernels.gptoss.attention import (
+    DEFAULT_QUERY_CHUNK,
+    apply_rope,
+    rms_norm,
+    rope_cos_sin,
+    sdpa_with_sinks,
+)
+from versa_kernels.gptoss.expert_math import (
+    SWIGLU_ALPHA,
+    SWIGLU_LIMIT,
+    moe_grouped,
+    moe_reference,
+)
+
+EXPERT_TENSORS = ("gate_up", "gate_up_bias", "down", "down_bias")
+"""Per-layer expert tensors, dequantized, reference orientation (see Checkpoint.get_expert_weights)."""
+
+ROUTER_TENSORS = ("weight", "bias")
+SLIDING_LAYER = "sliding_attention"
+MAX_LISTED_NAMES = 5
+"""How many missing/unexpected tensor names a load error lists."""
+
+__all__ = ["ForwardOutput", "GptOssModel", "MoeTrace"]
+
+
+@dataclass
+class MoeTrace:
+    """What one MoE layer did for each of the B*T tokens (row order = input_ids.flatten())."""
+
+    layer: int
+    indices: torch.Tensor
+    """[B*T, K] selected expert ids (in this layer's numbering)."""
+    gates: torch.Tensor
+    """[B*T, K] softmax-over-top-k gate weights, fp32."""
+    expert_out_norm: torch.Tensor
+    """[B*T, K] L2 norm over D of each routed expert's output y_e (bias included, gate not), fp32."""
+
+
+@dataclass
+class ForwardOutput:
+    """The final-normed hidden states and, when asked, the per-layer MoE traces."""
+
+    hidden: torch.Tensor
+    """[B, T, D] after the final RMSNorm; feed to `logits` or `iter_logit_chunks`."""
+    moe: list[MoeTrace] | None = None
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm whose gain stays fp32 whatever the model dtype (like transformers)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size, dtype=torch.float32))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with biases, learned sinks and an optional sliding window."""
+
+    def __init__(self, config: Any, layer: int) -> None:
+        super().__init__()
+        D, d = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            d,
+        )
+        self.q_proj = nn.Linear(D, self.num_heads * d)
+        self.k_proj = nn.Linear(D, self.num_kv_heads * d)
+        self.v_proj = nn.Linear(D, self.num_kv_heads * d)
+        self.o_proj = nn.Linear(self.num_heads * d, D)
+        self.sinks = nn.Parameter(torch.empty(self.num_heads))
+        is_sliding = config.layer_types[layer] == SLIDING_LAYER
+        self.sliding_window = config.sliding_window if is_sliding else None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query_chunk: int
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, N, T, d]
+        k = (
+            self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        )  # [B, G, T, d]
+        v = (
+            self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        )  # [B, G, T, d]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = sdpa_with_sinks(
+            q,
+            k,
+            v,
+            self.sinks,
+            sm_scale=self.head_dim**-0.5,
+            sliding_window=self.sliding_window,
+            query_chunk=query_chunk,
+        )  # [B, T, N*d]
+        return self.o_proj(out)
+
+
+class Router(nn.Module):
+    def __init__(self, num_experts: int, hidden: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.bias = nn.Parameter(torch.empty(num_experts))
+
+
+class Experts(nn.Module):
+    """Dequantized expert weights, reference orientation (output-major)."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
+        self.gate_up_bias = nn.Parameter(torch.empty(num_experts, 2 * intermediate))
+        self.down = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.down_bias = nn.Parameter(torch.empty(num_experts, hidden))
+
+
+class MoeBlock(nn.Module):
+    def __init__(self, config: Any, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.router = Router(num_experts, config.hidden_size)
+        self.experts = Experts(num_experts, config.hidden_size, config.intermediate_size)
+        self.alpha = getattr(config, "swiglu_alpha", None) or SWIGLU_ALPHA
+        self.limit = getattr(config, "swiglu_limit", None) or SWIGLU_LIMIT
+
+    def forward(
+        self, x: torch.Tensor, *, top_k: int, expert_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        e = self.experts
+        return moe_grouped(
+            x,
+            self.router.weight,
+            self.router.bias,
+            e.gate_up,
+            e.gate_up_bias,
+            e.down,
+            e.down_bias,
+            top_k=top_k,
+            alpha=self.alpha,
+            limit=self.limit,
+            expert_mask=expert_mask,
+        )
+
+    def reference(self, x: torch.Tensor, *, top_k: int) -> torch.Tensor:
+        """The plain loop (`moe_reference`) on this block's weights; the yardstick for `forward`."""
+        e = self.experts
+        return moe_reference(
+            x,
+            self.router.weight,
+            self.router.bias,
+            e.gate_up,
+            e.gate_up_bias,
+            e.down,
+            e.down_bias,
+            top_k=top_k,
+            alpha=self.alpha,
+            limit=self.limit,
+        )
+
+
+class DecoderLayer(nn.Module):
+    """x += Attn(RMSNorm(x)); x += MoE(RMSNorm(x))."""
+
+    def __init__(self, config: Any, layer: int, num_experts: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoeBlock(config, num_experts)
+
+
+class Backbone(nn.Module):
+    """Holds the `model.*` tensors (embeddings, layers, final norm) under their HF names."""
+
+    def __init__(self, config: Any, experts_per_layer: Sequence[int]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, n) for i, n in enumerate(experts_per_layer)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class GptOssModel(nn.Module):
+    """gpt-oss causal LM forward; see the module docstring for what it exposes."""
+
+    def __init__(self, config: Any, *, experts_per_layer: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        counts = tuple(experts_per_layer or config.experts_per_layer)
+        if len(counts) != config.num_hidden_layers:
+            raise ValueError(f"{len(counts)} expert counts for {config.num_hidden_layers} layers")
+        self.experts_per_layer = counts
+        self.top_k = config.num_experts_per_tok
+        self.query_chunk = DEFAULT_QUERY_CHUNK
+        self.model = Backbone(config, counts)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        top_k: int | None = None,
+        experts_keep: Sequence[Sequence[int]] | None = None,
+    ) -> GptOssModel:
+        """Load an HF-layout MXFP4 (or bf16) gpt-oss checkpoint through `Checkpoint`.
+
+        `experts_keep[layer]` lists the expert ids to keep in that layer (physical pruning at
+        load); `top_k` overrides `num_experts_per_tok`.
+        """
+        from versa_kernels.gptoss.checkpoint import Checkpoint  # heavy I/O deps stay lazy
+
+        checkpoint = Checkpoint(path)
+        config = checkpoint.config
+        tensors: dict[str, torch.Tensor] = {}
+        for name in checkpoint.names():
+            if ".mlp.experts." not in name:
+                tensors[name] = checkpoint.get(name)
+        for layer in range(config.num_hidden_layers):
+            for key, value in checkpoint.get_expert_weights(layer).items():
+                tensors[f"model.layers.{layer}.mlp.experts.{key}"] = value
+        return cls.from_tensors(
+            config, tensors, dtype=dtype, device=device, top_k=top_k, experts_keep=experts_keep
+        )
+
+    @classmethod
+    def from_hf_state_dict(
+        cls, config: Any, state_dict: Mapping[str, torch.Tensor], **kwargs: Any
+    ) -> GptOssModel:
+        """Build from a transformers `GptOssForCausalLM.state_dict()` (dequantized experts).
+
+        transformers stores experts input-major (`gate_up_proj [E, D, 2F]`, `down_proj
+        [E, F, D]`); they are transposed to reference orientation here.
+        """
+        renames = {
+            "mlp.experts.gate_up_proj": ("mlp.experts.gate_up", True),
+            "mlp.experts.gate_up_proj_bias": ("mlp.experts.gate_up_bias", False),
+            "mlp.experts.down_proj": ("mlp.experts.down", True),
+            "mlp.experts.down_proj_bias": ("mlp.experts.down_bias", False),
+        }
+        tensors: dict[str, torch.Tensor] = {}
+        for name, value in state_dict.items():
+            prefix, _, leaf = name.rpartition(".mlp.experts.")
+            key = f"mlp.experts.{leaf}"
+            if prefix and key in renames:
+                new_key, transpose = renames[key]
+                tensors[f"{prefix}.{new_key}"] = value.transpose(1, 2) if transpose else value
+            else:
+                tensors[name] = value
+        return cls.from_tensors(config, tensors, **kwargs)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        config: Any,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        top_k: int | None = None,
+        experts_keep: Sequence[Sequence[int]] | None = None,
+    ) -> GptOssModel:
+        """Build on `meta`, then load `tensors` (this module's names) strictly onto `device`."""
+        tensors = dict(tensors)
+        counts = list(config.experts_per_layer)
+        if experts_keep is not None:
+            if len(experts_keep) != config.num_hidden_layers:
+                raise ParameterError(
+                    f"experts_keep must list kept expert ids for each of the "
+                    f"{config.num_hidden_layers} layers, got {len(experts_keep)} lists"
+                )
+            for layer, keep in enumerate(experts_keep):
+                keep_idx = torch.as_tensor(list(keep), dtype=torch.long)
+                if (
+                    keep_idx.numel() == 0
+                    or int(keep_idx.max()) >= counts[layer]
+                    or int(keep_idx.min()) < 0
+                ):
+                    raise ParameterError(
+                        f"experts_keep[{layer}] must be non-empty ids in [0, {counts[layer]}), got {list(keep)}"
+                    )
+                for leaf in [f"router.{t}" for t in ROUTER_TENSORS] + [
+                    f"experts.{t}" for t in EXPERT_TENSORS
+                ]:
+                    name = f"model.layers.{layer}.mlp.{leaf}"
+                    if name in tensors:
+                        tensors[name] = tensors[name].index_select(0, keep_idx)
+                counts[layer] = keep_idx.numel()
+        with torch.device("meta"):
+            model = cls(config, experts_per_layer=counts)
+        expected = dict(model.state_dict())
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise CheckpointFormatError(
+                f"checkpoint tensors do not match the gpt-oss layout: missing {missing[:MAX_LISTED_NAMES]}"
+                f" ({len(missing)}), unexpected {unexpected[:MAX_LISTED_NAMES]} ({len(unexpected)})"
+            )
+        converted = {}
+        for name, meta in expected.items():
+            value = tensors[name]
+            if tuple(value.shape) != tuple(meta.shape):
+                raise CheckpointFormatError(
+                    f"tensor {name} has shape {tuple(value.shape)}, config implies {tuple(meta.shape)}"
+                )
+            # Norm gains stay fp32 (like transformers' _keep_in_fp32_modules).
+            target = (
+                torch.float32
+                if name.endswith("layernorm.weight") or name == "model.norm.weight"
+                else dtype
+            )
+            converted[name] = value.to(device=device, dtype=target)
+        model.load_state_dict(converted, strict=True, assign=True)
+        model.set_top_k(top_k if top_k is not None else config.num_experts_per_tok)
+        return model.eval()
+
+    def set_top_k(self, top_k: int) -> None:
+        """Route each token to `top_k` experts; must not exceed the experts of any layer."""
+        smallest = min(self.experts_per_layer)
+        if not 1 <= top_k <= smallest:
+            raise ParameterError(
+                f"top_k must be between 1 and {smallest} (the fewest experts in any layer), got {top_k}"
+            )
+        self.top_k = top_k
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        collect_moe: bool = False,
+        router_mask: Sequence[torch.Tensor | None] | None = None,
+    ) -> ForwardOutput:
+        """Run the model on input_ids [B, T] from position 0; see ForwardOutput.
+
+        `router_mask[layer]` is a bool tensor [E_layer] of experts to keep (None = all); a layer
+        must keep at least `top_k` experts.
+        """
+        B, T = input_ids.shape
+        masks = self._check_router_mask(router_mask)
+        x = self.model.embed_tokens(input_ids)  # [B, T, D]
+        cos, sin = rope_cos_sin(
+            torch.arange(T, device=input_ids.device),
+            head_dim=self.config.head_dim,
+            theta=self.config.rope_theta,
+            scaling=self.config.rope_scaling,
+            dtype=x.dtype,
+        )  # [T, d/2] each
+        traces: list[MoeTrace] = []
+        for index, layer in enumerate(self.model.layers):
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, self.query_chunk)
+            h = layer.post_attention_layernorm(x).reshape(B * T, -1)  # [B*T, D]
+            out, indices, gates, y_norm = layer.mlp(h, top_k=self.top_k, expert_mask=masks[index])
+            x = x + out.view(B, T, -1)
+            if collect_moe:
+                traces.append(MoeTrace(index, indices, gates.detach().float(), y_norm))
+        return ForwardOutput(self.model.norm(x), traces if collect_moe else None)
+
+    def _check_router_mask(
+        self, router_mask: Sequence[torch.Tensor | None] | None
+    ) -> list[torch.Tensor | None]:
+        if router_mask is None:
+            return [None] * len(self.experts_per_layer)
+        if len(router_mask) != len(self.experts_per_layer):
+            raise ParameterError(
+                f"router_mask must have one entry per layer ({len(self.experts_per_layer)}), "
+                f"got {len(router_mask)}"
+            )
+        for layer, mask in enumerate(router_mask):
+            if mask is None:
+                continue
+            if mask.dtype != torch.bool or tuple(mask.shape) != (self.experts_per_layer[layer],):
+                raise ParameterError(
+                    f"router_mask[{layer}] must be a bool tensor of shape "
+                    f"({self.experts_per_layer[layer]},), got {mask.dtype} {tuple(mask.shape)}"
+                )
+            if int(mask.sum()) < self.top_k:
+                raise ParameterError(
+                    f"router_mask[{layer}] keeps {int(mask.sum())} experts; top_k={self.top_k} "
+                    "needs at least that many"
+                )
+        return list(router_mask)
+
+    # ----------------------------------------------------------------- logits
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """All logits [..., V] for hidden [..., D]; for long inputs prefer `iter_logit_chunks`."""
+        return self.lm_head(hidden)
+
+    def iter_logit_chunks(
+        self, hidden: torch.Tensor, chunk_tokens: int
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (first_token, logits [c, V]) over hidden [B, T, D] flattened to B*T rows.
+
+        Only one [chunk_tokens, V] slice exists at a time, so a 201k vocabulary over a long
+        block never needs [T, V] memory. Row r of the flattened hidden is token
+        (r // T, r % T).
+        """
+        if chunk_tokens < 1:
+            raise ParameterError(f"chunk_tokens must be a positive integer, got {chunk_tokens}")
+        flat = hidden.reshape(-1, hidden.shape[-1])  # [B*T, D]
+        for start in range(0, flat.shape[0], chunk_tokens):
+            yield start, self.lm_head(flat[start : start + chunk_tokens])  # [c, V]
