@@ -10,6 +10,7 @@ from versa_runner.errors import UsageError
 # name -> "module:Class"; imported lazily so `versa-run --help` loads no transport library.
 REGISTRY: dict[str, str] = {
     "local": "versa_runner.backends.local:LocalBackend",
+    "jupyter": "versa_runner.backends.jupyter:JupyterBackend",
 }
 
 

@@ -1,0 +1,218 @@
+"""A small kernel websocket client: execute one snippet, collect its stdout.
+
+Why our own and not jupyter-kernel-client or nbclient's gateway manager: the former renamed its
+classes in 1.0 and never reconnects; the latter sends no auth on the websocket handshake
+(versa_spec §6.1, orchestration_anchors §2.4 E1). We need little: auth on the handshake, the
+legacy JSON protocol (one text frame per message, `channel` field), `execute_request` with
+`silent=True, store_history=False` so runner code stays out of IPython history, reconnect with
+the *same* `session_id` (jupyter_server replays messages buffered for that session), and an
+interrupt when a snippet overruns its timeout so the kernel does not stay busy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import websocket
+
+from versa_runner.errors import AuthError, TargetError, UnreachableError
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = "5.3"
+PING_INTERVAL_S = 30.0
+"""Idle websocket reads wake this often to ping, so proxies keep the connection open."""
+RECONNECT_ATTEMPTS = 3
+CONNECT_TIMEOUT_S = 30.0
+
+
+@dataclass
+class ExecuteResult:
+    """What one execute produced on the kernel."""
+
+    stdout: str = ""
+    stderr: str = ""
+    status: str = "ok"
+    ename: str = ""
+    evalue: str = ""
+    traceback: list[str] = field(default_factory=list)
+
+
+class KernelChannel:
+    """One websocket to `/api/kernels/<id>/channels`, reused for every execute of a CLI call."""
+
+    def __init__(
+        self,
+        ws_url: str,
+        *,
+        headers: dict[str, str],
+        cookie: str | None = None,
+        redacted_url: str = "<redacted>",
+        on_timeout: Callable[[], None] | None = None,
+    ) -> None:
+        self._ws_url = ws_url
+        self._headers = [f"{name}: {value}" for name, value in headers.items()]
+        self._cookie = cookie
+        self._redacted_url = redacted_url
+        self._on_timeout = on_timeout
+        self._session_id = uuid.uuid4().hex
+        self._ws: websocket.WebSocket | None = None
+        self._closed = False
+
+    def execute(self, code: str, *, timeout_s: float) -> ExecuteResult:
+        """Run `code` on the kernel and wait for it to go idle; reconnects on a dropped socket."""
+        if self._closed:
+            raise RuntimeError("KernelChannel used after close()")
+        deadline = time.monotonic() + timeout_s
+        msg_id = uuid.uuid4().hex
+        request = self._execute_request(code, msg_id)
+        result = ExecuteResult()
+        reply_seen = idle_seen = False
+        sent = False
+        reconnects = 0
+        while not (reply_seen and idle_seen):
+            try:
+                if not sent:
+                    self._socket().send(request)
+                    sent = True
+                message = self._recv(deadline)
+            except (websocket.WebSocketException, OSError) as exc:
+                # A replayed or resent request is safe: runner snippets are idempotent (§8.2).
+                reconnects += 1
+                self._drop()
+                if reconnects > RECONNECT_ATTEMPTS:
+                    raise UnreachableError(
+                        f"kernel websocket to {self._redacted_url} dropped {reconnects} times"
+                    ).add_context(str(exc)) from exc
+                # A request that was sent is not resent: the server replays its replies to
+                # the same session_id. One that never left is sent on the new socket.
+                log.info("kernel websocket dropped (%s); reconnecting", type(exc).__name__)
+                time.sleep(0.5 * reconnects)
+                continue
+            if message is None:
+                self._timeout(timeout_s)
+            if message.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            reply_seen, idle_seen = self._absorb(message, result, reply_seen, idle_seen)
+        return result
+
+    def close(self) -> None:
+        """Close the websocket; the kernel itself is left to its owner."""
+        self._drop()
+        self._closed = True
+
+    def _absorb(
+        self, message: dict, result: ExecuteResult, reply_seen: bool, idle_seen: bool
+    ) -> tuple[bool, bool]:
+        msg_type = message.get("msg_type") or message.get("header", {}).get("msg_type")
+        content = message.get("content", {})
+        if msg_type == "stream":
+            if content.get("name") == "stdout":
+                result.stdout += content.get("text", "")
+            else:
+                result.stderr += content.get("text", "")
+        elif msg_type == "error":
+            result.status = "error"
+            result.ename = content.get("ename", "")
+            result.evalue = content.get("evalue", "")
+            result.traceback = list(content.get("traceback", []))
+        elif msg_type == "status" and content.get("execution_state") == "idle":
+            idle_seen = True
+        elif msg_type == "execute_reply":
+            reply_seen = True
+            if content.get("status") not in (None, "ok") and result.status == "ok":
+                result.status = content.get("status", "error")
+                result.ename = content.get("ename", result.ename)
+                result.evalue = content.get("evalue", result.evalue)
+        return reply_seen, idle_seen
+
+    def _recv(self, deadline: float) -> dict | None:
+        """The next JSON message, or None once `deadline` passes; pings while idle."""
+        ws = self._socket()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            ws.settimeout(min(remaining, PING_INTERVAL_S))
+            try:
+                frame = ws.recv()
+            except websocket.WebSocketTimeoutException:
+                if deadline - time.monotonic() > 0:
+                    ws.ping()
+                continue
+            if isinstance(frame, bytes):
+                continue  # v1 binary frames carry buffers we never request
+            return json.loads(frame)
+
+    def _timeout(self, timeout_s: float) -> None:
+        if self._on_timeout is not None:
+            self._on_timeout()
+        raise TargetError(
+            f"a runner snippet did not finish within {timeout_s:g} s on {self._redacted_url}",
+            hint="The kernel may be busy with another cell; pass --kernel-id of an idle kernel "
+            "or let versa-run create its own.",
+        )
+
+    def _socket(self) -> websocket.WebSocket:
+        if self._ws is None:
+            url = f"{self._ws_url}?session_id={self._session_id}"
+            try:
+                self._ws = websocket.create_connection(
+                    url, header=self._headers, cookie=self._cookie, timeout=CONNECT_TIMEOUT_S
+                )
+            except websocket.WebSocketBadStatusException as exc:
+                status = getattr(exc, "status_code", 0)
+                if status in (401, 403):
+                    raise AuthError(
+                        f"kernel websocket on {self._redacted_url} answered {status}"
+                    ) from exc
+                raise UnreachableError(
+                    f"kernel websocket on {self._redacted_url} answered {status}"
+                ) from exc
+        return self._ws
+
+    def _drop(self) -> None:
+        if self._ws is not None:
+            try:
+                self._ws.close()
+            except (websocket.WebSocketException, OSError):
+                pass  # already gone; nothing to release
+            self._ws = None
+
+    def _execute_request(self, code: str, msg_id: str) -> str:
+        header = {
+            "msg_id": msg_id,
+            "username": "versa-run",
+            "session": self._session_id,
+            "msg_type": "execute_request",
+            "version": PROTOCOL_VERSION,
+            "date": datetime.now(timezone.utc).isoformat(),
+        }
+        content = {
+            "code": code,
+            "silent": True,
+            "store_history": False,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": True,
+        }
+        message = {
+            "header": header,
+            "msg_id": msg_id,
+            "msg_type": "execute_request",
+            "parent_header": {},
+            "metadata": {},
+            "content": content,
+            "buffers": [],
+            "channel": "shell",
+        }
+        return json.dumps(message)
+
+
+__all__ = ["ExecuteResult", "KernelChannel"]
