@@ -1,0 +1,133 @@
+"""The local target: this machine, rooted at the output directory.
+
+It speaks the same transport primitives as every other target, so the run lifecycle above it
+is the one remote runs use: files are written atomically under the root, and Python snippets
+run in a fresh `sys.executable -` process with the code on stdin (never in argv, so `ps` shows
+nothing a snippet carries). The job's working directory is the root itself, which is why syncing
+a local run transfers nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+
+from versa_runner.backends.base import ProgressFn, RemoteStat
+from versa_runner.errors import TargetError, TransferError, UnsafePathError
+from versa_runner.fsutil import CHUNK_BYTES, atomic_write_bytes, sha256_file
+
+
+class LocalBackend:
+    """Backend whose target root is a directory on this machine."""
+
+    name = "local"
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self._root = Path(root).resolve()
+        self._closed = False
+
+    def __enter__(self) -> LocalBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> str:
+        return f"local:{self._root}"
+
+    def root(self) -> str:
+        return self._root.as_posix()
+
+    def _resolve(self, path: str) -> Path:
+        """Absolute path of a root-relative POSIX path; refuses paths that leave the root."""
+        self._check_open()
+        relative = PurePosixPath(path)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise UnsafePathError(f"path {path!r} is not relative to the target root")
+        return self._root.joinpath(*relative.parts)
+
+    def put_bytes(self, path: str, data: bytes, *, mode: int | None = None) -> None:
+        with _translate_os_errors(path):
+            atomic_write_bytes(self._resolve(path), data, mode=mode)
+
+    def put_file(self, local_path: Path, path: str, *, progress: ProgressFn | None = None) -> None:
+        target = self._resolve(path)
+        with _translate_os_errors(path):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.upload.tmp")
+            try:
+                shutil.copyfile(local_path, tmp)
+                if sha256_file(tmp) != sha256_file(local_path):
+                    raise TransferError(f"upload of {path} did not verify (sha256 mismatch)")
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+        if progress is not None:
+            progress(target.stat().st_size)
+
+    def read_bytes(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes | None:
+        target = self._resolve(path)
+        with _translate_os_errors(path):
+            try:
+                with open(target, "rb") as fh:
+                    fh.seek(offset)
+                    return fh.read() if length is None else fh.read(length)
+            except FileNotFoundError:
+                return None
+
+    def download(
+        self, path: str, dest: Path, *, offset: int = 0, progress: ProgressFn | None = None
+    ) -> None:
+        source = self._resolve(path)
+        with _translate_os_errors(path):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(source, "rb") as src, open(dest, "ab") as out:
+                out.truncate(offset)
+                src.seek(offset)
+                while chunk := src.read(CHUNK_BYTES):
+                    out.write(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+
+    def stat(self, path: str) -> RemoteStat | None:
+        target = self._resolve(path)
+        try:
+            info = target.stat()
+        except FileNotFoundError:
+            return None
+        return RemoteStat(size_bytes=info.st_size, mtime=info.st_mtime)
+
+    def run_python(self, code: str, *, timeout_s: float) -> str:
+        self._check_open()
+        try:
+            result = subprocess.run(
+                [sys.executable, "-"], input=code, capture_output=True, text=True,
+                cwd=self._root, timeout=timeout_s, check=False,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            raise TargetError(f"local snippet did not finish within {timeout_s:.0f} s") from exc
+        if result.returncode != 0:
+            tail = "\n".join(result.stderr.strip().splitlines()[-3:])
+            raise TargetError(f"local snippet failed (exit {result.returncode}): {tail}")
+        return result.stdout
+
+    def close(self) -> None:
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("LocalBackend used after close()")
+
+
+@contextmanager
+def _translate_os_errors(path: str) -> Iterator[None]:
+    """The one place local OSErrors become versa-run errors."""
+    try:
+        yield
+    except OSError as exc:
+        raise TransferError(f"local file operation on {path} failed: {exc.strerror}") from exc

@@ -1,0 +1,325 @@
+"""The program that runs a job on the target: `python launcher.py <run_dir>` in its own session.
+
+Standard library only: this file is uploaded verbatim into `versa_runs/<run_id>/` on targets that
+may not have `versa_runner` installed, so it must not import it (versa_spec §8.4, §8.5).
+
+What it does, in order (each step leaves evidence before anything can fail later):
+
+1. writes `status.json` `{state: running, started_at, pid, pgid, host}` (atomic tmp + rename);
+2. loads `secrets.env` (mode 0600, one `NAME=<json string>` per line) into the job environment
+   and DELETES it at once; only the secret *names* are ever logged;
+3. runs the bootstrap steps listed in `launch.json` (each with its own timeout, output appended
+   to `run.log`); the first failure ends the run as `bootstrap_failed`, exit code 5;
+4. runs papermill in a new process session with output appended to `run.log`, touching
+   `heartbeat` every `heartbeat_interval_s` while it runs;
+5. on SIGTERM/SIGINT terminates papermill's group *and* every process descended from it (the
+   Jupyter kernel starts its own session, and a notebook's subprocesses live in the kernel's group),
+   escalating to SIGKILL after `kill_grace_s`, and records `killed`;
+6. writes `exit_code`, then the final `status.json`.
+
+`launch.json` (all keys optional): `cwd`, `pythonpath` (list), `env` (non-secret dict),
+`bootstrap` (list of `{argv, timeout_s}`), `heartbeat_interval_s`, `kill_grace_s`,
+`kernel_name`, `execution_timeout_s`, `job_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+STATUS_FILE = "status.json"
+EXIT_CODE_FILE = "exit_code"
+HEARTBEAT_FILE = "heartbeat"
+LAUNCH_FILE = "launch.json"
+SECRETS_FILE = "secrets.env"
+LOG_FILE = "run.log"
+
+DEFAULT_HEARTBEAT_INTERVAL_S = 15.0
+DEFAULT_KILL_GRACE_S = 10.0
+AUTOSAVE_CELL_EVERY_S = 30
+BOOTSTRAP_EXIT_CODE = 5  # ExitCode.BOOTSTRAP of the host (versa_spec §8.6)
+TIMEOUT_EXIT_CODE = 124  # same convention as coreutils `timeout`
+SIGNAL_EXIT_BASE = 128  # a job ended by signal N exits 128 + N, like a shell reports it
+POLL_S = 0.2
+LOG_PREFIX = "[versa-runner]"
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC timestamp with a trailing Z."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def atomic_write(path: str, text: str, mode: int = 0o644) -> None:
+    """Write a file that other processes read: temp in the same dir, fsync, rename."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def proc_start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks): tells a live pid from a reused one."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])  # fields[0] is field 3 (state), so field 22 is index 19
+
+
+def descendants(root_pid: int) -> dict[int, int]:
+    """Map pid -> pgid of every live process descended from `root_pid` (scanning /proc)."""
+    parent_of: dict[int, int] = {}
+    pgid_of: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] == "Z":
+            continue
+        parent_of[int(entry)] = int(fields[1])
+        pgid_of[int(entry)] = int(fields[2])
+    found: dict[int, int] = {}
+    frontier = [root_pid]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parent_of.items():
+            if ppid == parent and pid not in found:
+                found[pid] = pgid_of[pid]
+                frontier.append(pid)
+    return found
+
+
+def signal_tree(pids: dict[int, int], sig: int, own_pgid: int) -> None:
+    """Send `sig` to each process group in `pids` (never our own) and to each pid."""
+    for pgid in set(pids.values()):
+        if pgid != own_pgid:
+            try:
+                os.killpg(pgid, sig)
+            except OSError:
+                pass
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+
+class Launcher:
+    """One job's supervisor; state lives in files of `run_dir`, never only in memory."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = os.path.abspath(run_dir)
+        self.config = self._read_launch_config()
+        self.heartbeat_interval_s = float(
+            self.config.get("heartbeat_interval_s", DEFAULT_HEARTBEAT_INTERVAL_S)
+        )
+        self.kill_grace_s = float(self.config.get("kill_grace_s", DEFAULT_KILL_GRACE_S))
+        self.status: dict[str, object] = {}
+        self.stop_signal: int | None = None
+        self.log = open(self._path(LOG_FILE), "ab", buffering=0)  # noqa: SIM115 (lives as long as the run)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.run_dir, name)
+
+    def _read_launch_config(self) -> dict[str, object]:
+        path = os.path.join(self.run_dir, LAUNCH_FILE)
+        if not os.path.exists(path):
+            return {}
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+
+    def say(self, text: str) -> None:
+        """Append one line to run.log; never called with a secret value."""
+        self.log.write(f"{LOG_PREFIX} {utc_now()} {text}\n".encode())
+
+    def write_status(self, **fields: object) -> None:
+        self.status.update(fields)
+        atomic_write(self._path(STATUS_FILE), json.dumps(self.status, indent=2, sort_keys=True))
+
+    def touch_heartbeat(self) -> None:
+        atomic_write(self._path(HEARTBEAT_FILE), f"{time.time():.3f}\n")
+
+    def finish(self, state: str, exit_code: int) -> int:
+        """Write `exit_code` first, then the final status (readers key off exit_code's presence)."""
+        atomic_write(self._path(EXIT_CODE_FILE), f"{exit_code}\n")
+        self.write_status(state=state, exit_code=exit_code, ended_at=utc_now())
+        self.say(f"state={state} exit_code={exit_code}")
+        return exit_code
+
+    def load_secrets(self) -> dict[str, str]:
+        """Read and delete secrets.env; values go to the job env only."""
+        path = self._path(SECRETS_FILE)
+        if not os.path.exists(path):
+            return {}
+        try:
+            with open(path, encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+        finally:
+            os.unlink(path)
+        secrets: dict[str, str] = {}
+        for line in lines:
+            name, sep, encoded = line.partition("=")
+            if sep:
+                secrets[name] = json.loads(encoded)
+        self.say(f"loaded {len(secrets)} secret(s): {', '.join(sorted(secrets)) or '-'}")
+        return secrets
+
+    def job_env(self, secrets: dict[str, str]) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({str(k): str(v) for k, v in dict(self.config.get("env", {})).items()})
+        extra = [str(p) for p in self.config.get("pythonpath", [])]
+        if extra:
+            current = env.get("PYTHONPATH", "")
+            env["PYTHONPATH"] = os.pathsep.join(extra + ([current] if current else []))
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(secrets)
+        return env
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        self.stop_signal = signum
+
+    def run_bootstrap(self, env: dict[str, str], cwd: str) -> bool:
+        for index, step in enumerate(self.config.get("bootstrap", [])):
+            argv = [str(a) for a in step["argv"]]
+            timeout_s = float(step.get("timeout_s", 600))
+            self.say(f"bootstrap step {index + 1}: {argv[0]} (timeout {timeout_s:.0f} s)")
+            try:
+                result = subprocess.run(
+                    argv,
+                    stdout=self.log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    cwd=cwd,
+                    timeout=timeout_s,
+                    check=False,
+                )
+                code = result.returncode
+            except subprocess.TimeoutExpired:
+                code = TIMEOUT_EXIT_CODE
+            except OSError as exc:
+                self.say(f"bootstrap step {index + 1} could not start: {exc}")
+                code = 127
+            if code != 0:
+                self.say(f"bootstrap step {index + 1} failed with exit code {code}")
+                return False
+        return True
+
+    def papermill_argv(self, cwd: str) -> list[str]:
+        argv = [
+            sys.executable, "-m", "papermill",
+            self._path("input.ipynb"), self._path("output.ipynb"),
+            "-f", self._path("params.yaml"), "--cwd", cwd,
+            "-k", str(self.config.get("kernel_name", "python3")),
+            "--log-output", "--no-progress-bar",
+            "--autosave-cell-every", str(AUTOSAVE_CELL_EVERY_S),
+        ]  # fmt: skip
+        if self.config.get("execution_timeout_s"):
+            argv += ["--execution-timeout", str(int(float(self.config["execution_timeout_s"])))]
+        return argv
+
+    def supervise(self, proc: subprocess.Popen[bytes]) -> tuple[str, int]:
+        """Wait for papermill, heartbeating; on a stop signal or deadline end its whole tree."""
+        job_timeout_s = self.config.get("job_timeout_s")
+        deadline = time.monotonic() + float(job_timeout_s) if job_timeout_s else None
+        next_beat = time.monotonic() + self.heartbeat_interval_s
+        while True:
+            try:
+                code = proc.wait(timeout=POLL_S)
+                return ("succeeded", 0) if code == 0 else ("failed", code)
+            except subprocess.TimeoutExpired:
+                pass
+            if self.stop_signal is not None:
+                self.say(f"received signal {self.stop_signal}; ending the job's process tree")
+                self.terminate(proc)
+                return "killed", SIGNAL_EXIT_BASE + self.stop_signal
+            if deadline is not None and time.monotonic() > deadline:
+                self.say(f"job ran past job_timeout_s={job_timeout_s}; ending it")
+                self.terminate(proc)
+                return "timeout", TIMEOUT_EXIT_CODE
+            if time.monotonic() >= next_beat:
+                self.touch_heartbeat()
+                next_beat = time.monotonic() + self.heartbeat_interval_s
+
+    def terminate(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGTERM papermill's group and all its descendants, SIGKILL what is left after grace."""
+        own_pgid = os.getpgid(0)
+        tree = descendants(os.getpid())
+        signal_tree(tree, signal.SIGTERM, own_pgid)
+        deadline = time.monotonic() + self.kill_grace_s
+        while time.monotonic() < deadline:
+            tree.update(descendants(os.getpid()))
+            alive = {pid: pgid for pid, pgid in tree.items() if proc_start_ticks(pid) is not None}
+            if proc.poll() is not None and not alive:
+                break
+            time.sleep(POLL_S)
+        tree.update(descendants(os.getpid()))
+        signal_tree(tree, signal.SIGKILL, own_pgid)
+        try:
+            proc.wait(timeout=self.kill_grace_s)
+        except subprocess.TimeoutExpired:
+            self.say("papermill did not exit after SIGKILL")
+
+    def run(self) -> int:
+        cwd = str(self.config.get("cwd") or os.getcwd())
+        self.write_status(
+            state="running", started_at=utc_now(), pid=os.getpid(), pgid=os.getpgid(0),
+            pid_start_ticks=proc_start_ticks(os.getpid()), host=socket.gethostname(),
+            heartbeat_interval_s=self.heartbeat_interval_s, job_cwd=cwd,
+        )  # fmt: skip
+        self.touch_heartbeat()
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
+        env = self.job_env(self.load_secrets())
+        self.say(f"launcher pid={os.getpid()} run_dir={self.run_dir} cwd={cwd}")
+        if not self.run_bootstrap(env, cwd):
+            return self.finish("bootstrap_failed", BOOTSTRAP_EXIT_CODE)
+        if self.stop_signal is not None:
+            return self.finish("killed", SIGNAL_EXIT_BASE + self.stop_signal)
+        argv = self.papermill_argv(cwd)
+        self.say("starting papermill")
+        proc = subprocess.Popen(
+            argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, cwd=cwd, start_new_session=True, close_fds=True,
+        )  # fmt: skip
+        self.write_status(papermill_pid=proc.pid)
+        state, exit_code = self.supervise(proc)
+        return self.finish(state, exit_code)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point: `python launcher.py <run_dir>`."""
+    if len(argv) != 2:
+        sys.stderr.write("usage: python launcher.py <run_dir>\n")
+        return 2
+    launcher = Launcher(argv[1])
+    try:
+        return launcher.run()
+    except Exception as exc:  # the run must end with evidence, whatever went wrong
+        launcher.say(f"launcher error: {type(exc).__name__}: {exc}")
+        return launcher.finish("failed", 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

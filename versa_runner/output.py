@@ -1,0 +1,166 @@
+"""Everything `versa-run` shows the user goes through here, and only here.
+
+Plain text when stdout is not a terminal, rich styling when it is, one JSON object per command
+with `--json` (stable keys, secret names only). Every string passes through the run's `Redactor`
+first, so a secret value can reach the screen only if this module is bypassed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Any, TextIO
+
+from versa_runner.secrets import Redactor
+
+if TYPE_CHECKING:
+    from versa_runner.errors import VersaRunError
+    from versa_runner.lifecycle import RunStatus
+    from versa_runner.runs import RunRecord
+    from versa_runner.sync import SyncResult
+
+
+def follow_up_commands(run_id: str) -> list[str]:
+    """The exact commands that follow, wait for, sync and kill a run (SkyPilot's habit)."""
+    return [
+        f"versa-run logs {run_id} --follow",
+        f"versa-run wait {run_id}",
+        f"versa-run sync {run_id}",
+        f"versa-run kill {run_id}",
+    ]
+
+
+class Output:
+    """The single writer of user-facing text."""
+
+    def __init__(
+        self, *, json_mode: bool = False, stream: TextIO | None = None,
+        err_stream: TextIO | None = None, redactor: Redactor | None = None,
+    ) -> None:  # fmt: skip
+        self.json_mode = json_mode
+        self.stream = stream or sys.stdout
+        self.err_stream = err_stream or sys.stderr
+        self.redact = redactor or Redactor()
+        self._console: Any = None
+        if not json_mode and self.stream.isatty():
+            from rich.console import Console  # imported only for terminals
+
+            self._console = Console(file=self.stream, highlight=False)
+
+    def _line(self, text: str, *, style: str | None = None) -> None:
+        text = self.redact(text)
+        if self._console is not None and style:
+            self._console.print(text, style=style, markup=False)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def emit_json(self, obj: dict[str, Any]) -> None:
+        self.stream.write(self.redact(json.dumps(obj, sort_keys=True)) + "\n")
+        self.stream.flush()
+
+    def info(self, text: str) -> None:
+        """A progress note on stderr (keeps stdout clean for --json and pipes)."""
+        if not self.json_mode:
+            self.err_stream.write(self.redact(text) + "\n")
+            self.err_stream.flush()
+
+    def log_text(self, text: str) -> None:
+        """Raw log bytes from the job, as they arrive (no added newline)."""
+        if self.json_mode:
+            return
+        self.stream.write(self.redact(text))
+        self.stream.flush()
+
+    def submitted(self, record: RunRecord, *, detached: bool) -> None:
+        if self.json_mode:
+            self.emit_json({"run_id": record.run_id, "task": record.task, "target": record.target,
+                            "run_dir": record.run_dir, "secret_names": record.secret_names,
+                            "detached": detached, "commands": follow_up_commands(record.run_id)})  # fmt: skip
+            return
+        self._line(
+            f"run {record.run_id} submitted ({record.task} on {record.target})", style="bold green"
+        )
+        if detached:
+            self.next_commands(record.run_id)
+
+    def next_commands(self, run_id: str) -> None:
+        """Print the follow-up commands (after a detached submit, and on Ctrl-C while following)."""
+        if self.json_mode:
+            return
+        self._line("follow it with:")
+        for command in follow_up_commands(run_id):
+            self._line(f"  {command}", style="cyan")
+
+    def interrupted(self, run_id: str) -> None:
+        self.info(f"stopped following; run {run_id} keeps running on its target")
+        if not self.json_mode:
+            self.err_stream.write("\n".join("  " + c for c in follow_up_commands(run_id)) + "\n")
+
+    def status(self, record: RunRecord, status: RunStatus) -> None:
+        if self.json_mode:
+            self.emit_json({"run_id": record.run_id, "task": record.task, **status.to_json()})
+            return
+        line = f"{record.run_id}  {record.task}  {status.state.value}"
+        if status.exit_code is not None:
+            line += f"  exit_code={status.exit_code}"
+        self._line(line, style="bold")
+        progress = status.progress
+        if progress is not None:
+            text = f"  cell {progress.cells_done}/{progress.cells_total} completed"
+            if progress.current_cell is not None:
+                text += f"; cell {progress.current_cell} running"
+                if progress.current_cell_elapsed_s is not None:
+                    text += f" for {progress.current_cell_elapsed_s:.0f} s"
+            if progress.failed_cell is not None:
+                text += f"; cell {progress.failed_cell} failed"
+            self._line(text)
+        started, ended = status.info.get("started_at"), status.info.get("ended_at")
+        if started:
+            self._line(f"  started {started}" + (f", ended {ended}" if ended else ""))
+        if status.heartbeat_age_s is not None and not status.state.is_terminal:
+            self._line(f"  heartbeat {status.heartbeat_age_s:.0f} s ago")
+
+    def run_list(self, records: list[RunRecord]) -> None:
+        if self.json_mode:
+            self.emit_json({"runs": [{"run_id": r.run_id, "task": r.task, "target": r.target,
+                                      "last_state": r.last_status.get("state")} for r in records]})  # fmt: skip
+            return
+        if not records:
+            self._line("no runs yet")
+        for r in reversed(records):
+            self._line(f"{r.run_id}  {r.task:<36} {r.last_status.get('state', '?'):<16} {r.target}")
+
+    def synced(self, result: SyncResult) -> None:
+        if self.json_mode:
+            self.emit_json({"transferred": result.transferred, "skipped": len(result.skipped),
+                            "bytes_transferred": result.bytes_transferred,
+                            "notebook": str(result.notebook_copy) if result.notebook_copy else None})  # fmt: skip
+            return
+        self._line(f"synced: {len(result.transferred)} file(s) transferred "
+                   f"({result.bytes_transferred} bytes), {len(result.skipped)} unchanged")  # fmt: skip
+        if result.notebook_copy is not None:
+            self._line(f"executed notebook: {result.notebook_copy}")
+
+    def mapping(self, title: str, values: dict[str, Any]) -> None:
+        if self.json_mode:
+            self.emit_json(values)
+            return
+        self._line(title, style="bold")
+        for key, value in values.items():
+            self._line(f"  {key}: {value}")
+
+    def text(self, text: str) -> None:
+        self._line(text)
+
+    def error(self, error: VersaRunError) -> None:
+        """One line plus the hint; no traceback (the CLI shows one with --debug)."""
+        if self.json_mode:
+            self.emit_json(
+                {"error": str(error), "hint": error.hint, "exit_code": int(error.exit_code)}
+            )
+            return
+        self.err_stream.write(self.redact(f"error: {error}") + "\n")
+        if error.hint:
+            self.err_stream.write(self.redact(f"hint: {error.hint}") + "\n")
+        self.err_stream.flush()

@@ -1,0 +1,201 @@
+"""Sync back: bring a run's outputs home, only what changed, verified, resumable.
+
+Protocol (versa_spec §8.8), generic over backends:
+
+1. a snippet on the target builds the manifest (relative path, size, mtime, sha256) of
+   `artifacts/`, `reports/` and the run's `output.ipynb` / `run.log`; symlinks are not followed;
+2. each entry's path is checked before anything is written: absolute paths, `..` and links
+   leaving the destination raise UnsafePathError;
+3. entries whose sha256 matches the local `.versa_manifest.json` (or the file already on disk)
+   are skipped; others are downloaded into `<file>.part`, resumed from its size with Range,
+   verified by sha256 and renamed into place atomically;
+4. the executed notebook is copied to `reports/notebooks/<run_id>_<task>.ipynb`.
+
+Destinations mirror the target's relative paths under `dest`. On the local target the job's
+working directory *is* the destination, so every file already matches and nothing is transferred.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from versa_runner import snippets
+from versa_runner.backends.base import Backend
+from versa_runner.errors import TransferError, UnsafePathError
+from versa_runner.fsutil import atomic_write_json, sha256_file
+from versa_runner.runs import RunRecord
+
+LOCAL_MANIFEST = ".versa_manifest.json"
+OUTPUT_DIRS = ("artifacts", "reports")
+RUN_FILES = ("output.ipynb", "run.log")
+MANIFEST_TIMEOUT_S = 600.0  # hashing multi-GB checkpoints takes minutes (versa_spec §8.15)
+PART_SUFFIX = ".part"
+
+MANIFEST_SNIPPET = r"""
+import hashlib, json, os
+args = json.loads(__ARGS__)
+root = args["root"]
+entries = []
+
+def add(rel):
+    full = os.path.join(root, rel)
+    if os.path.islink(full) or not os.path.isfile(full):
+        return
+    digest = hashlib.sha256()
+    with open(full, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    info = os.stat(full)
+    entries.append({"path": rel, "size_bytes": info.st_size, "mtime": info.st_mtime,
+                    "sha256": digest.hexdigest()})
+
+for top in args["dirs"]:
+    base = os.path.join(root, top)
+    for dirpath, dirnames, filenames in os.walk(base):  # os.walk does not follow dir symlinks
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.endswith(".part") or (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            add(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
+for rel in args["files"]:
+    add(rel)
+print(__SENTINEL__ + json.dumps({"entries": entries}))
+"""
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One file on the target, relative to its root."""
+
+    path: str
+    size_bytes: int
+    mtime: float
+    sha256: str
+
+
+@dataclass
+class SyncResult:
+    """What one sync did: files transferred and skipped, bytes moved, the notebook copy."""
+
+    transferred: list[str]
+    skipped: list[str]
+    bytes_transferred: int
+    notebook_copy: Path | None
+
+
+def safe_destination(dest_root: Path, relative: str) -> Path:
+    """Where a remote-supplied relative path lands under `dest_root`; refuses escapes.
+
+    Raises UnsafePathError for an absolute path, any `..` component, or a path whose existing
+    parts are symlinks resolving outside `dest_root`.
+    """
+    pure = PurePosixPath(relative)
+    if (
+        not relative
+        or pure.is_absolute()
+        or relative.startswith(("\\", "/"))
+        or ":" in pure.parts[0]
+    ):
+        raise UnsafePathError(f"refusing absolute path {relative!r} from the target")
+    if any(part in ("..", "") for part in pure.parts) or "\\" in relative:
+        raise UnsafePathError(f"refusing path {relative!r} from the target: it contains '..'")
+    root = dest_root.resolve()
+    candidate = root.joinpath(*pure.parts)
+    if candidate.is_symlink() or not candidate.parent.resolve().is_relative_to(root):
+        raise UnsafePathError(f"refusing path {relative!r}: a symlink leads outside {root}")
+    return candidate
+
+
+def remote_manifest(
+    backend: Backend, *, dirs: Iterable[str], files: Iterable[str]
+) -> list[ManifestEntry]:
+    """Build the manifest on the target (one snippet) and parse it."""
+    args = {"root": backend.root(), "dirs": list(dirs), "files": list(files)}
+    code = snippets.render(MANIFEST_SNIPPET, args)
+    reply = snippets.parse_reply(
+        backend.run_python(code, timeout_s=MANIFEST_TIMEOUT_S), what="manifest"
+    )
+    return [ManifestEntry(**entry) for entry in reply["entries"]]
+
+
+def load_local_manifest(dest_root: Path) -> dict[str, Any]:
+    path = dest_root / LOCAL_MANIFEST
+    if not path.exists():
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def fetch_file(backend: Backend, entry: ManifestEntry, target: Path) -> int:
+    """Download one file via `<target>.part` with Range resume; verify sha256; rename. Returns bytes."""
+    part = target.with_name(target.name + PART_SUFFIX)
+    offset = part.stat().st_size if part.exists() else 0
+    if offset > entry.size_bytes:  # a stale part from an older version of the file
+        part.unlink()
+        offset = 0
+    backend.download(entry.path, part, offset=offset)
+    if sha256_file(part) != entry.sha256:
+        part.unlink()
+        raise TransferError(f"{entry.path}: sha256 mismatch after download (the part was removed)")
+    os.replace(part, target)
+    return entry.size_bytes - offset
+
+
+def sync_run(
+    backend: Backend, record: RunRecord, dest_root: Path, *, only: Iterable[str] = ()
+) -> SyncResult:
+    """Bring `record`'s outputs to `dest_root`; idempotent and resumable."""
+    wanted = set(only)
+    dirs = [d for d in OUTPUT_DIRS if not wanted or d in wanted]
+    files = [f"{record.run_dir}/{name}" for name in RUN_FILES if not wanted or name in wanted]
+    entries = remote_manifest(backend, dirs=dirs, files=files)
+    targets = {entry.path: safe_destination(dest_root, entry.path) for entry in entries}
+    local = load_local_manifest(dest_root)
+    result = SyncResult([], [], 0, None)
+    for entry in entries:
+        target = targets[entry.path]
+        known = local.get(entry.path, {})
+        on_disk = target.exists() and target.stat().st_size == entry.size_bytes
+        if on_disk and (known.get("sha256") == entry.sha256 or sha256_file(target) == entry.sha256):
+            result.skipped.append(entry.path)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            result.bytes_transferred += fetch_file(backend, entry, target)
+            result.transferred.append(entry.path)
+        local[entry.path] = {
+            "sha256": entry.sha256,
+            "size_bytes": entry.size_bytes,
+            "mtime": entry.mtime,
+        }
+    atomic_write_json(dest_root / LOCAL_MANIFEST, local)
+    result.notebook_copy = copy_executed_notebook(record, dest_root)
+    return result
+
+
+def executed_notebook_path(dest_root: Path, record: RunRecord) -> Path:
+    """`reports/notebooks/<run_id>_<task>.ipynb` under the destination."""
+    return dest_root / "reports" / "notebooks" / f"{record.run_id}_{record.task}.ipynb"
+
+
+def copy_executed_notebook(record: RunRecord, dest_root: Path) -> Path | None:
+    """Keep the executed notebook under reports/ (atomic copy; skipped when unchanged)."""
+    source = safe_destination(dest_root, f"{record.run_dir}/output.ipynb")
+    if not source.exists():
+        return None
+    target = executed_notebook_path(dest_root, record)
+    if target.exists() and sha256_file(target) == sha256_file(source):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target

@@ -1,0 +1,530 @@
+"""Task registry: name -> notebook, parameter schema, host-side validation, declared outputs.
+
+Each task runs one notebook from `notebooks/`. Its flags keep the playbook's names
+(`--keep-frac`); papermill receives them in snake_case (`keep_frac`) plus `run_id`. Every value is
+typed, range-checked and cross-checked here, on the host, before anything is staged or uploaded
+(DESIGN.md "Tasks"): a flag a task does not take is an error naming the flag, never ignored.
+Defaults come from the playbook (seeds/000) and eaftreap_spec Appendix A.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from versa_runner.errors import UsageError
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+KAGGLE_20B_PATH = "/kaggle/input/gpt-oss-20b/transformers/default/1"
+CALIB_PACKS_REPO = "radna0/harmony-qwen3-calib-packs-v2-20260113"
+CALIB_PACK_FILES = (
+    "packs/reasoning_style_10k_v2/reasoning_style_10k_v2.parquet,"
+    "tool_agentic_10k_v6.parquet,"
+    "packs/calib_prompt_10000_v2/calib_prompt_10000_v2.parquet"
+)
+SEED = 3407
+SCORE_KEYS = (
+    "eaft_gate_norm_sum", "gate_norm_sum", "eaft_saliency_mean", "saliency_mean",
+    "pos_gate_norm_sum", "norm_sum", "gate_sum", "count",
+)  # fmt: skip
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One task flag. `kind`: int, float, str, bool, choice, int_csv, float_csv, str_csv."""
+
+    flag: str
+    kind: str
+    default: Any
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: the lower bound itself is not allowed, e.g. keep_frac in (0, 1]
+    choices: tuple[str, ...] = ()
+    required: bool = False
+
+    @property
+    def name(self) -> str:
+        """The papermill parameter name: `--keep-frac` -> `keep_frac`."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def allowed(self) -> str:
+        """Human text of what values are allowed (used in every error about this flag)."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        number = {"int": "an integer", "float": "a number", "int_csv": "comma-separated integers",
+                  "float_csv": "comma-separated numbers", "bool": "true or false",
+                  "str_csv": "comma-separated names"}.get(self.kind, "a string")  # fmt: skip
+        if self.low is None and self.high is None:
+            return number
+        left = "(" if self.low_open else "["
+        low = "-inf" if self.low is None else _fmt(self.low)
+        high = "inf)" if self.high is None else _fmt(self.high) + "]"
+        return (
+            f"{number}, each in {left}{low}, {high}"
+            if "csv" in self.kind
+            else f"{number} in {left}{low}, {high}"
+        )
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named job: which notebook runs it, which flags it takes, what it writes."""
+
+    name: str
+    notebook: str
+    summary: str
+    params: tuple[Param, ...]
+    outputs: tuple[str, ...]
+    check: Callable[[dict[str, Any]], None] | None = None
+
+    def notebook_path(self, notebooks_dir: Path = NOTEBOOKS_DIR) -> Path:
+        return notebooks_dir / f"{self.notebook}.ipynb"
+
+    def param(self, flag: str) -> Param | None:
+        return next((p for p in self.params if p.flag == flag), None)
+
+
+def _coerce_one(param: Param, text: str, kind: str) -> Any:
+    try:
+        value: Any = {"int": int, "float": float}.get(kind, str)(text.strip())
+    except ValueError:
+        raise UsageError(f"{param.flag}: expected {param.allowed()}, got {text!r}") from None
+    if kind in ("int", "float"):
+        too_low = param.low is not None and (
+            value <= param.low if param.low_open else value < param.low
+        )
+        too_high = param.high is not None and value > param.high
+        if too_low or too_high:
+            raise UsageError(f"{param.flag}: expected {param.allowed()}, got {text!r}")
+    return value
+
+
+def coerce(param: Param, text: str) -> Any:
+    """Turn the command-line text of one flag into its typed value, or raise UsageError."""
+    if param.kind == "bool":
+        if text.lower() in TRUE_WORDS:
+            return True
+        if text.lower() in FALSE_WORDS:
+            return False
+        raise UsageError(f"{param.flag}: expected {param.allowed()}, got {text!r}")
+    if param.kind == "choice":
+        if text not in param.choices:
+            raise UsageError(f"{param.flag}: expected {param.allowed()}, got {text!r}")
+        return text
+    if param.kind.endswith("_csv"):
+        items = [item for item in text.split(",") if item.strip()]
+        if not items:
+            raise UsageError(f"{param.flag}: expected {param.allowed()}, got {text!r}")
+        item_kind = param.kind.removesuffix("_csv")
+        values = [_coerce_one(param, item, item_kind) for item in items]
+        return [v.strip() for v in values] if item_kind == "str" else values
+    return _coerce_one(param, text, param.kind)
+
+
+def parse_task_args(task: Task, argv: Sequence[str]) -> dict[str, Any]:
+    """Parse `--flag value` / `--flag=value` / `--bool-flag` tokens into validated parameters."""
+    given: dict[str, Any] = {}
+    tokens = list(argv)
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        flag, has_inline, inline = token.partition("=")
+        param = task.param(flag) if flag.startswith("--") else None
+        negated = task.param("--" + flag[len("--no-") :]) if flag.startswith("--no-") else None
+        if param is None and negated is not None and negated.kind == "bool" and not has_inline:
+            given[negated.name] = False
+            index += 1
+            continue
+        if param is None:
+            raise UsageError(
+                f"task {task.name} does not take {flag!r}",
+                hint=f"its flags: {', '.join(p.flag for p in task.params)} "
+                f"(`versa-run --task {task.name} --help` explains them)",
+            )
+        if param.kind == "bool" and not has_inline:
+            given[param.name] = True
+            index += 1
+            continue
+        if has_inline:
+            text, index = inline, index + 1
+        elif index + 1 < len(tokens):
+            text, index = tokens[index + 1], index + 2
+        else:
+            raise UsageError(f"{param.flag}: missing value (expected {param.allowed()})")
+        given[param.name] = coerce(param, text)
+    return validate(task, given)
+
+
+def validate(task: Task, given: dict[str, Any]) -> dict[str, Any]:
+    """Fill defaults, check required flags and the task's cross-field rules; returns all params."""
+    values: dict[str, Any] = {}
+    for param in task.params:
+        if param.name in given:
+            values[param.name] = given[param.name]
+        elif param.required:
+            raise UsageError(f"{param.flag} is required for task {task.name} ({param.help})")
+        else:
+            default = param.default
+            values[param.name] = (
+                coerce(param, default)
+                if isinstance(default, str) and param.kind.endswith("_csv")
+                else default
+            )
+    if task.check is not None:
+        task.check(values)
+    return values
+
+
+def get_task(name: str) -> Task:
+    """The registered task called `name`; an unknown name lists the known ones."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise UsageError(
+            f"unknown task {name!r}; known tasks: {', '.join(TASKS)}",
+            hint="`versa-run --task TASK --help` shows a task's flags.",
+        ) from None
+
+
+def task_help(task: Task) -> str:
+    """Plain-text help for one task's flags (shown by `versa-run --task T --help`)."""
+    lines = [f"versa-run --task {task.name} [flags]", "", task.summary, "",
+             f"notebook: notebooks/{task.notebook}.ipynb", "", "flags:"]  # fmt: skip
+    for p in task.params:
+        default = "required" if p.required else f"default {p.default!r}"
+        lines.append(f"  {p.flag:<34} {p.help} ({p.allowed()}; {default})")
+    lines += ["", "writes:"] + [f"  {out}" for out in task.outputs]
+    return "\n".join(lines)
+
+
+# ---- cross-field checks (need no data) -------------------------------------------------------
+
+
+def _check_build_pruned(values: dict[str, Any]) -> None:
+    if values["min_keep_per_layer"] > values["max_keep_per_layer"]:
+        raise UsageError(
+            f"--min-keep-per-layer ({values['min_keep_per_layer']}) is larger than "
+            f"--max-keep-per-layer ({values['max_keep_per_layer']})",
+            hint="Lower --min-keep-per-layer or raise --max-keep-per-layer.",
+        )
+    if values["calib_pack_sample_strategy"] == "weighted":
+        weights = values["calib_pack_weights_csv"]
+        if not weights:
+            raise UsageError("--calib-pack-sample-strategy weighted needs --calib-pack-weights-csv")
+        if len(weights) != len(values["calib_pack_files"]):
+            raise UsageError(
+                f"--calib-pack-weights-csv has {len(weights)} weights for "
+                f"{len(values['calib_pack_files'])} --calib-pack-files"
+            )
+    elif values["calib_pack_weights_csv"]:
+        raise UsageError(
+            "--calib-pack-weights-csv is only used with --calib-pack-sample-strategy weighted"
+        )
+    if values["core_pos_top_m"] > values["min_keep_per_layer"]:
+        raise UsageError(
+            f"--core-pos-top-m ({values['core_pos_top_m']}) exceeds --min-keep-per-layer "
+            f"({values['min_keep_per_layer']}): the safety core would not fit"
+        )
+
+
+def _check_keepfrac(values: dict[str, Any]) -> None:
+    _check_build_pruned(values)
+    if values["layout"] != "uniform":
+        raise UsageError(
+            "--layout: the keepfrac task keeps the same count in every layer; allowed: uniform",
+            hint="Use build_pruned_20b_eaftreap_budgeted for a per-layer layout.",
+        )
+
+
+# ---- the registry -----------------------------------------------------------------------------
+
+_MODEL_PATH = Param("--model-path", "str", KAGGLE_20B_PATH, "checkpoint directory on the target")
+_BATCH = Param("--batch-size", "int", 1, "sequences per forward batch", low=1, high=4096)
+
+
+def _build_params(*, keep_frac: Param, layout_default: str) -> tuple[Param, ...]:
+    return (
+        _MODEL_PATH,
+        Param(
+            "--calib-packs-repo", "str", CALIB_PACKS_REPO, "HF dataset repo of calibration packs"
+        ),
+        Param("--calib-pack-files", "str_csv", CALIB_PACK_FILES, "pack parquet files in the repo"),
+        Param(
+            "--calib-pack-sample-strategy",
+            "choice",
+            "per_file",
+            "how rows are drawn from packs",
+            choices=("per_file", "weighted", "concat"),
+        ),  # fmt: skip
+        Param(
+            "--calib-pack-weights-csv",
+            "float_csv",
+            None,
+            "per-file weights (weighted only)",
+            low=0,
+            low_open=True,
+        ),
+        Param("--num-rows", "int", 2000, "calibration rows to profile", low=1, high=10_000_000),
+        Param("--seed", "int", SEED, "sampling seed", low=0, high=2**32 - 1),
+        Param(
+            "--max-seq-length", "int", 4096, "tokens per calibration row", low=16, high=1_048_576
+        ),
+        _BATCH,
+        keep_frac,
+        Param(
+            "--min-keep-per-layer", "int", 16, "fewest experts kept in a layer", low=1, high=4096
+        ),
+        Param("--max-keep-per-layer", "int", 32, "most experts kept in a layer", low=1, high=4096),
+        Param(
+            "--core-pos-top-m",
+            "int",
+            4,
+            "safety core: top experts by positive mass",
+            low=0,
+            high=4096,
+        ),
+        Param(
+            "--core-count-top-m",
+            "int",
+            0,
+            "safety core: top experts by hit count",
+            low=0,
+            high=4096,
+        ),
+        Param(
+            "--keep-n-multiple-of", "int", 4, "round kept counts up to a multiple", low=1, high=4096
+        ),
+        Param(
+            "--layout",
+            "choice",
+            layout_default,
+            "checkpoint layout of the kept experts",
+            choices=("per-layer", "uniform"),
+        ),  # fmt: skip
+        Param(
+            "--score-key",
+            "choice",
+            "eaft_gate_norm_sum",
+            "accumulator experts are ranked by",
+            choices=SCORE_KEYS,
+        ),  # fmt: skip
+        Param(
+            "--eaft-cc-quantile",
+            "float",
+            0.15,
+            "confident-conflict quantile",
+            low=0,
+            high=0.5,
+            low_open=True,
+        ),
+        Param("--eaft-weight-good", "float", 1.0, "token weight of the good class"),
+        Param("--eaft-weight-cc", "float", -2.0, "token weight of confident conflicts"),
+        Param("--eaft-weight-uncertain", "float", 0.25, "token weight of uncertain tokens"),
+        Param("--out-dir", "str", "", "pruned checkpoint directory (default under artifacts/)"),
+        Param("--overwrite", "bool", False, "replace an existing --out-dir"),
+        Param(
+            "--max-tokens-per-row",
+            "int",
+            128,
+            "completion tokens scored per row",
+            low=1,
+            high=1_048_576,
+        ),
+    )
+
+
+_BUILD_OUTPUTS = tuple(
+    f"artifacts/20b_pruned_models_eaftreap_budgeted/{name}"
+    for name in (
+        "manifest.json",
+        "keep_counts_by_layer.json",
+        "core_experts_by_layer.json",
+        "reap-scores.yaml",
+        "reap-recipe.yaml",
+        "scores.parquet",
+    )  # fmt: skip
+)
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task(
+            "validate_expert_math_toy",
+            "validate_expert_math_toy",
+            "Check the per-expert MoE loop against transformers' GptOssExperts on a toy config.",
+            (
+                Param(
+                    "--seeds",
+                    "int_csv",
+                    str(SEED),
+                    "random seeds, one pass each",
+                    low=0,
+                    high=2**32 - 1,
+                ),
+                Param("--trials", "int", 20, "random trials per seed", low=1, high=100_000),
+                Param(
+                    "--device",
+                    "choice",
+                    "auto",
+                    "where the math runs",
+                    choices=("auto", "cpu", "cuda"),
+                ),
+                Param(
+                    "--dtype",
+                    "choice",
+                    "float32",
+                    "compute dtype",
+                    choices=("float32", "bfloat16", "float16"),
+                ),  # fmt: skip
+            ),
+            ("reports/validate_gpt_oss_expert_math_toy.md",),
+        ),
+        Task(
+            "build_pruned_20b_eaftreap_budgeted",
+            "build_pruned",
+            "Profile EAFT-REAP scores on calibration packs, allocate a per-layer expert budget "
+            "with a safety core, and rewrite the checkpoint.",
+            _build_params(
+                keep_frac=Param(
+                    "--keep-frac",
+                    "float",
+                    0.75,
+                    "fraction of experts kept overall",
+                    low=0,
+                    high=1,
+                    low_open=True,
+                ),
+                layout_default="per-layer",
+            ),  # fmt: skip
+            _BUILD_OUTPUTS,
+            _check_build_pruned,
+        ),
+        Task(
+            "build_pruned_20b_eaftreap_keepfrac",
+            "build_pruned",
+            "Like the budgeted task with the same kept count in every layer; one variant per keep_frac.",
+            _build_params(
+                keep_frac=Param(
+                    "--keep-frac",
+                    "float_csv",
+                    "0.75",
+                    "fractions kept, one variant each",
+                    low=0,
+                    high=1,
+                    low_open=True,
+                ),
+                layout_default="uniform",
+            ),  # fmt: skip
+            tuple(o.replace("_budgeted", "_keepfrac") for o in _BUILD_OUTPUTS),
+            _check_keepfrac,
+        ),
+        Task(
+            "eaft_single",
+            "eaft_single",
+            "Collect per-token probability/entropy statistics of one model on fixed blocks.",
+            (
+                Param(
+                    "--model-id", "str", None, "label of the model (names the JSON)", required=True
+                ),
+                Param(
+                    "--model-path", "str", "", "checkpoint directory (default: resolve --model-id)"
+                ),
+                Param(
+                    "--calib-packs-repo",
+                    "str",
+                    CALIB_PACKS_REPO,
+                    "HF dataset repo of calibration packs",
+                ),
+                Param(
+                    "--calib-pack-files",
+                    "str_csv",
+                    CALIB_PACK_FILES,
+                    "pack parquet files in the repo",
+                ),
+                Param(
+                    "--seq-lens-csv",
+                    "int_csv",
+                    "1024,2048",
+                    "block lengths in tokens",
+                    low=1,
+                    high=1_048_576,
+                ),
+                Param(
+                    "--num-blocks", "int", 256, "blocks per sequence length", low=1, high=1_000_000
+                ),
+                _BATCH,
+                Param(
+                    "--sample-points",
+                    "int",
+                    200_000,
+                    "(p, H) points kept for plots",
+                    low=0,
+                    high=100_000_000,
+                ),
+                Param("--top-k", "int", 4, "experts routed per token", low=1, high=128),
+                Param(
+                    "--entropy-top-k",
+                    "int",
+                    20,
+                    "entropy over the top-k renormalized probs",
+                    low=2,
+                    high=1024,
+                ),
+            ),
+            ("artifacts/eaft_models/<run_id>/<model_id>.json",),
+        ),
+        Task(
+            "decode_bench",
+            "decode_bench",
+            "Measure decode throughput per batch size (SGLang, vLLM, or the native engine).",
+            (
+                Param(
+                    "--name",
+                    "str",
+                    None,
+                    "label of this benchmark (names the outputs)",
+                    required=True,
+                ),
+                Param(
+                    "--model-path", "str", None, "checkpoint directory on the target", required=True
+                ),
+                Param(
+                    "--prompt-len", "int", 256, "prompt length in characters", low=1, high=1_048_576
+                ),
+                Param(
+                    "--max-new-tokens",
+                    "int",
+                    2048,
+                    "tokens generated per request",
+                    low=1,
+                    high=1_048_576,
+                ),
+                Param(
+                    "--batch-sizes",
+                    "int_csv",
+                    "1,2,4,8,16,32",
+                    "concurrent requests per pass",
+                    low=1,
+                    high=4096,
+                ),
+                Param(
+                    "--engine",
+                    "choice",
+                    "auto",
+                    "decode engine",
+                    choices=("auto", "sglang", "vllm", "native"),
+                ),  # fmt: skip
+            ),
+            ("artifacts/decode_bench/<name>.json", "reports/decode_bench_<name>.md"),
+        ),
+    )
+}
