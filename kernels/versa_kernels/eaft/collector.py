@@ -1,0 +1,340 @@
+"""The `eaft_single` collector: one model, fixed blocks, per-token EAFT signals, one JSON.
+
+`collect(**params)` is what notebooks/eaft_single.ipynb calls. For each seq_len and each pack
+(then UNION) it packs blocks (`blocks.pack_blocks`), runs the project's forward
+(`GptOssModel`, batched), turns only the kept (completion) positions into logits, in chunks so
+the vocabulary never materializes for a whole block, computes (p, H_norm, logp) with
+`signals.token_signals`, and streams them into `stats.SignalStats`. The JSON keeps the field
+names of eaftreap_spec §6.6 plus `schema_version`, the engine, versions, device and timing.
+
+Easy to get wrong:
+- Logits at position t predict token t+1: hidden[:, :-1] pairs with targets input_ids[:, 1:]
+  and keep[:, 1:].
+- `top_k` is applied to the model (experts per token); an impossible value is an error, never
+  recorded and ignored (spec §11.3 item 23).
+- Base and candidate must be collected with identical settings and packs so `rows_sha256`
+  matches; `versa_runner.summarize` refuses otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from versa_kernels.eaft.blocks import UNION_PACK, Blocks, TokenCache, pack_blocks, union_rows
+from versa_kernels.eaft.stats import PROB_SCALES, HistogramSpec, SignalStats
+from versa_kernels.errors import DataError, ParameterError
+from versa_kernels.signals import CC_QUANTILE, ENTROPY_TOP_K, token_signals
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+ENGINE = "versa_kernels.gptoss"  # the project's own forward (no SGLang on the hot path)
+DEFAULT_CHUNK_TOKENS = 2048  # logits rows per chunk: 2048 x 201088 fp32 = 1.6 GB at most
+DEFAULT_OUT_ROOT = "artifacts/eaft_models"
+TEXT_COLUMN = "text"
+
+__all__ = ["collect", "collect_blocks", "json_name", "read_pack_texts", "run_blocks"]
+
+
+def json_name(model_id: str) -> str:
+    """File name of a model's JSON: `/` in the model id becomes `__` (DESIGN.md tasks table)."""
+    return model_id.replace("/", "__") + ".json"
+
+
+@torch.inference_mode()
+def run_blocks(
+    model: Any,
+    blocks: Blocks,
+    *,
+    batch_size: int,
+    entropy_top_k: int,
+    stats: SignalStats,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    router_mask: Sequence[torch.Tensor | None] | None = None,
+) -> float:
+    """Forward every block, feed kept-token signals into `stats`; returns the loop's wall seconds."""
+    device = next(model.parameters()).device
+    started = time.perf_counter()
+    for first in range(0, blocks.input_ids.shape[0], batch_size):
+        ids = blocks.input_ids[first : first + batch_size].to(device)  # [B, S]
+        keep = blocks.keep[first : first + batch_size, 1:].to(device)  # [B, S-1] targets kept
+        hidden = model(ids, router_mask=router_mask).hidden[:, :-1]  # [B, S-1, D] predictors
+        kept_hidden = hidden[keep]  # [N, D]
+        targets = ids[:, 1:][keep]  # [N]
+        for start, logits in model.iter_logit_chunks(kept_hidden[None], chunk_tokens):  # [c, V]
+            p, h, logp = token_signals(
+                logits, targets[start : start + logits.shape[0]], entropy_top_k=entropy_top_k
+            )
+            stats.add(p, h, logp)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def collect_blocks(
+    model: Any,
+    blocks: Blocks,
+    *,
+    batch_size: int = 1,
+    entropy_top_k: int = ENTROPY_TOP_K,
+    cc_quantile: float = CC_QUANTILE,
+    sample_points: int = 0,
+    spec: HistogramSpec | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    router_mask: Sequence[torch.Tensor | None] | None = None,
+) -> dict[str, Any]:
+    """One (pack, seq) entry of the JSON: provenance of the blocks plus the `model` summary."""
+    stats = SignalStats(
+        spec or HistogramSpec(), cc_quantile=cc_quantile, sample_points=sample_points
+    )
+    wall_s = run_blocks(
+        model,
+        blocks,
+        batch_size=batch_size,
+        entropy_top_k=entropy_top_k,
+        stats=stats,
+        chunk_tokens=chunk_tokens,
+        router_mask=router_mask,
+    )
+    return {
+        "rows_seen": blocks.rows_seen,
+        "rows_sha256": blocks.rows_sha256,
+        "pack_wall_s": wall_s,
+        "model": stats.summary(predicted_tokens=blocks.predicted_tokens, wall_s=wall_s),
+    }
+
+
+def read_pack_texts(path: str | Path, *, text_column: str = TEXT_COLUMN) -> list[str]:
+    """All rows of one parquet pack, in file order (non-string cells skipped)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"calibration pack {str(path)!r} does not exist")
+    try:
+        table = pq.read_table(path, columns=[text_column])
+    except Exception as exc:  # pyarrow raises several types for bad files; keep the cause
+        raise DataError(
+            f"calibration pack {str(path)!r} is not a parquet file with a {text_column!r} column"
+        ) from exc
+    return [t for t in table.column(text_column).to_pylist() if isinstance(t, str)]
+
+
+def _check_params(
+    *,
+    model_id: str,
+    seq_lens: Sequence[int],
+    num_blocks: int,
+    batch_size: int,
+    sample_points: int,
+    top_k: int,
+    entropy_top_k: int,
+    cc_quantile: float,
+    prob_scale: str,
+    chunk_tokens: int,
+) -> None:
+    """Every parameter checked before any model or data is loaded."""
+    checks = [
+        (bool(model_id), "model_id", model_id, "a non-empty label"),
+        (
+            len(seq_lens) > 0 and all(int(s) >= 2 for s in seq_lens),
+            "seq_lens_csv",
+            seq_lens,
+            "integers >= 2",
+        ),
+        (num_blocks >= 1, "num_blocks", num_blocks, "an integer >= 1"),
+        (batch_size >= 1, "batch_size", batch_size, "an integer >= 1"),
+        (sample_points >= 0, "sample_points", sample_points, "an integer >= 0"),
+        (top_k >= 1, "top_k", top_k, "an integer >= 1 (experts per token)"),
+        (entropy_top_k >= 2, "entropy_top_k", entropy_top_k, "an integer >= 2"),
+        (0.0 < cc_quantile < 1.0, "cc_quantile", cc_quantile, "a number in (0, 1)"),
+        (prob_scale in PROB_SCALES, "prob_scale", prob_scale, f"one of {', '.join(PROB_SCALES)}"),
+        (chunk_tokens >= 1, "chunk_tokens", chunk_tokens, "an integer >= 1"),
+    ]
+    for ok, name, value, allowed in checks:
+        if not ok:
+            raise ParameterError(f"{name}={value!r} is not allowed; expected {allowed}")
+
+
+def _parse_int_csv(value: str | Sequence[int], name: str) -> list[int]:
+    if isinstance(value, str):
+        try:
+            return [int(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise ParameterError(
+                f"{name}={value!r} is not a comma-separated list of integers"
+            ) from None
+    return [int(v) for v in value]
+
+
+def _parse_str_csv(value: str | Sequence[str]) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def _resolve_pack_files(repo: str, files: Sequence[str]) -> list[Path]:
+    """Local paths as given; otherwise files of the HF dataset repo (via versa_kernels.packs)."""
+    if all(Path(f).is_file() for f in files):
+        return [Path(f) for f in files]
+    from versa_kernels.packs import fetch_pack_files
+
+    return fetch_pack_files(repo, files)
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    import versa_kernels
+
+    env: dict[str, Any] = {
+        "engine": ENGINE,
+        "engine_version": versa_kernels.__version__,
+        "torch": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "gpu_type": None,
+        "gpu_name": None,
+        "gpu_sm": None,
+    }
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        env.update(
+            gpu_type="cuda", gpu_name=torch.cuda.get_device_name(device), gpu_sm=f"{major}{minor}"
+        )
+    return env
+
+
+def collect(
+    *,
+    model_id: str,
+    model_path: str,
+    calib_pack_files: str | Sequence[str],
+    seq_lens_csv: str | Sequence[int] = "1024,2048",
+    num_blocks: int = 256,
+    batch_size: int = 1,
+    sample_points: int = 200_000,
+    top_k: int = 4,
+    entropy_top_k: int = ENTROPY_TOP_K,
+    run_id: str = "",
+    calib_packs_repo: str = "",
+    cc_quantile: float = CC_QUANTILE,
+    prob_scale: str = "linear",
+    hist_xbins: int = 160,
+    hist_ybins: int = 120,
+    out_root: str | Path = DEFAULT_OUT_ROOT,
+    device: str | None = None,
+    dtype: str | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    experts_keep: Sequence[Sequence[int]] | None = None,
+) -> Path:
+    """Collect EAFT statistics of one model; returns the JSON path (see module docstring)."""
+    seq_lens = _parse_int_csv(seq_lens_csv, "seq_lens_csv")
+    files = _parse_str_csv(calib_pack_files)
+    _check_params(
+        model_id=model_id, seq_lens=seq_lens, num_blocks=num_blocks, batch_size=batch_size,
+        sample_points=sample_points, top_k=top_k, entropy_top_k=entropy_top_k,
+        cc_quantile=cc_quantile, prob_scale=prob_scale, chunk_tokens=chunk_tokens,
+    )  # fmt: skip
+    if not files:
+        raise ParameterError("calib_pack_files is empty; expected one or more parquet files")
+    if not model_path or not Path(model_path).is_dir():
+        raise ParameterError(f"model_path={model_path!r} is not a checkpoint directory")
+    from transformers import AutoTokenizer
+
+    from versa_kernels.gptoss.model import GptOssModel
+
+    started = time.perf_counter()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = getattr(torch, dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
+    packs = {Path(f).stem: read_pack_texts(f) for f in _resolve_pack_files(calib_packs_repo, files)}
+    packs[UNION_PACK] = list(union_rows(packs))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = GptOssModel.from_checkpoint(
+        model_path, dtype=torch_dtype, device=dev, top_k=top_k, experts_keep=experts_keep
+    )  # raises ParameterError when top_k exceeds the experts of a layer
+    eos = (
+        tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+    )
+    eos_id = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
+    load_s = time.perf_counter() - started
+    spec = HistogramSpec(xbins=hist_xbins, ybins=hist_ybins, prob_scale=prob_scale)
+    tokens = TokenCache(tokenizer)
+    results: dict[str, dict[str, Any]] = {name: {} for name in packs}
+    for seq_len in seq_lens:
+        for name, rows in packs.items():
+            blocks = pack_blocks(
+                rows, tokens, seq_len=seq_len, num_blocks=num_blocks, eos_id=eos_id, pack=name
+            )
+            entry = collect_blocks(
+                model, blocks, batch_size=batch_size, entropy_top_k=entropy_top_k,
+                cc_quantile=cc_quantile, sample_points=sample_points, spec=spec,
+                chunk_tokens=chunk_tokens,
+            )  # fmt: skip
+            results[name][str(seq_len)] = entry
+            m = entry["model"]
+            log.info(
+                "pack=%s seq=%d: %d kept tokens, PPL %.3f, cc %.4f%%, %.0f tok/s",
+                name, seq_len, m["kept_tokens"], m["ppl"], 100 * m["cc_rate"], m["tok_s_pred"],
+            )  # fmt: skip
+    meta = {
+        "dataset_repo": calib_packs_repo,
+        "pack_files": [str(f) for f in files],
+        "model_id": model_id,
+        "model_path": str(model_path),
+        **_environment(dev),
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "top_k": model.top_k,
+        "top_k_applied": True,
+        "experts_per_layer": list(model.experts_per_layer),
+        "entropy_topk": entropy_top_k,
+        "cc_quantile": cc_quantile,
+        "num_blocks": num_blocks,
+        "batch_size": batch_size,
+        "hist_xbins": hist_xbins,
+        "hist_ybins": hist_ybins,
+        "prob_scale": prob_scale,
+        "logp_min": spec.logp_min,
+        "logp_max": spec.logp_max,
+        "sample_points": sample_points,
+        "seq_lens": seq_lens,
+        "axes": {"x": spec.x_label, "y": f"H_top{entropy_top_k}/ln({entropy_top_k})"},
+        "x_min": spec.x_range[0],
+        "x_max": spec.x_range[1],
+        "run_id": run_id,
+        "timing": {"load_s": load_s, "total_s": time.perf_counter() - started},
+    }
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "meta": meta,
+        "packs": [{"pack": name, "seq": seqs} for name, seqs in results.items()],
+    }
+    out = Path(out_root) / (run_id or time.strftime("%Y%m%d_%H%M%S")) / json_name(model_id)
+    _write_json(out, doc)
+    return out
+
+
+def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
+    """Atomic write (temp + rename): a reader never sees half a JSON."""
+    import json
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
