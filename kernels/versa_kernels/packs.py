@@ -209,8 +209,13 @@ def load_packs(
     strategy: str = "per_file",
     weights: list[float] | None = None,
     text_column: str = DEFAULT_TEXT_COLUMN,
+    exclude: set[tuple[str, int]] | None = None,
 ) -> PackSample:
-    """Sample ``num_rows`` rows from local parquet ``files`` with ``strategy`` (module docstring)."""
+    """Sample ``num_rows`` rows from local parquet ``files`` with ``strategy`` (module docstring).
+
+    ``exclude`` holds ``(file name, row index)`` pairs never to pick (held-out evaluation rows
+    must not overlap the calibration rows).
+    """
     if strategy not in SAMPLE_STRATEGIES:
         raise ParameterError(
             f"calib_pack_sample_strategy={strategy!r} is not one of {', '.join(SAMPLE_STRATEGIES)}"
@@ -240,6 +245,8 @@ def load_packs(
                 skipped += 1
                 continue
             usable += 1
+            if exclude and (path.name, row_i) in exclude:
+                continue
             score = row_score(seed, text)
             item = (-score, -scan_i, CalibRow(text, path.name, row_i))
             scan_i += 1

@@ -102,7 +102,8 @@ def check_feasible(
 ) -> AllocationPlan:
     """Validate allocation flags against the model's sizes; raise ParameterError if infeasible.
 
-    ``min_keep`` defaults to top_k and ``max_keep`` to E. The safety core may hold up to
+    ``min_keep`` defaults to top_k and ``max_keep`` to E (a larger ``max_keep`` is capped at E,
+    the most a layer can keep; the plan records the effective bounds). The safety core may hold up to
     ``core_pos_top_m + core_count_top_m`` experts, so that sum must fit the smallest keep.
     """
     if layout not in LAYOUTS:
@@ -123,10 +124,12 @@ def check_feasible(
             f"min_keep_per_layer={lo} is below the router top_k={top_k}",
             hint=f"Keep at least {top_k} experts per layer (top_k is never changed).",
         )
-    if hi > num_experts:
+    # A cap above E binds nothing (no layer can keep more than it has): the effective cap is E.
+    hi = min(hi, num_experts)
+    if lo > num_experts:
         raise ParameterError(
-            f"max_keep_per_layer={hi} exceeds the model's {num_experts} experts per layer",
-            hint=f"Pass --max-keep-per-layer {num_experts} or less.",
+            f"min_keep_per_layer={lo} exceeds the model's {num_experts} experts per layer",
+            hint=f"Pass --min-keep-per-layer {num_experts} or less.",
         )
     plan = AllocationPlan(
         num_layers, num_experts, top_k, keep_frac, layout, lo, hi,

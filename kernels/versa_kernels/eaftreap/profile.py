@@ -13,7 +13,7 @@ Two passes over the same calibration batches (eaftreap_spec §2.3):
 A position t is scored iff token t+1 is a completion token (inside assistant content); with
 ``max_tokens_per_row`` the scored positions are strided down to that many (spec §2.6), 0 = all.
 
-Resume: every ``save_every_batches`` batches the state (pass, batches done, signals, accumulator
+Resume: every ``save_every_s`` seconds (or ``save_every_batches`` batches) the state (pass, batches done, signals, accumulator
 arrays) is written atomically to ``state_path`` together with a fingerprint of the inputs. A run
 that finds a state with the same fingerprint continues from it; float64 sums in the same batch
 order make the resumed result identical to an uninterrupted one.
@@ -43,7 +43,14 @@ log = logging.getLogger(__name__)
 STATE_SCHEMA_VERSION = 1
 LOGIT_CHUNK_TOKENS = 512  # bounds the [N, V] logits block (512 x 201088 x 4 B ~ 0.4 GB)
 
-__all__ = ["CalibExample", "ProfileResult", "prepare_examples", "profile_experts"]
+__all__ = [
+    "CalibExample",
+    "ProfileResult",
+    "model_device",
+    "pad_batch",
+    "prepare_examples",
+    "profile_experts",
+]
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,7 @@ def _batches(examples: Sequence[CalibExample], batch_size: int) -> list[list[Cal
     return [list(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
 
 
-def _pad(batch: list[CalibExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(batch: list[CalibExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids ``[B, T]`` and flat indices ``[N]`` of the scored positions in ``B*T``.
 
     Right padding needs no attention mask: causal attention never lets a real token see a pad.
@@ -153,7 +160,7 @@ def _load_state(path: Path | None, fp: str) -> dict[str, Any] | None:
     return state
 
 
-def _model_device(model: Any) -> torch.device:
+def model_device(model: Any) -> torch.device:
     try:
         return next(model.parameters()).device
     except (AttributeError, StopIteration):
@@ -171,7 +178,9 @@ def profile_experts(
     weights: EaftWeights | None = None,
     entropy_top_k: int = 20,
     state_path: str | Path | None = None,
-    save_every_batches: int = 16,
+    save_every_batches: int = 0,
+    save_every_s: float = 300.0,
+    fingerprint_extra: dict[str, Any] | None = None,
     on_batch: Callable[[int, int, int], None] | None = None,
 ) -> ProfileResult:
     """Run both passes and return the accumulators (module docstring).
@@ -183,7 +192,13 @@ def profile_experts(
     weights = weights or EaftWeights()
     batches = _batches(examples, batch_size)
     path = Path(state_path) if state_path is not None else None
-    fp = fingerprint(examples, batch_size=batch_size, weights=weights, top_k=entropy_top_k)
+    fp = fingerprint(
+        examples,
+        batch_size=batch_size,
+        weights=weights,
+        top_k=entropy_top_k,
+        extra=fingerprint_extra or {},
+    )
     state = _load_state(path, fp) or {
         "schema_version": STATE_SCHEMA_VERSION,
         "fingerprint": fp,
@@ -196,13 +211,26 @@ def profile_experts(
     resumed_from = (state["pass"] - 1) * len(batches) + state["done"]
     if resumed_from:
         log.info("resuming profile at pass %d batch %d", state["pass"], state["done"])
-    device = _model_device(model)
+    device = model_device(model)
     started, tokens_seen = time.monotonic(), 0
+    last_save = {"t": time.monotonic(), "batch": state["done"]}
+
+    def save_due() -> bool:
+        if state["done"] == len(batches):
+            return True
+        by_count = (
+            save_every_batches > 0 and state["done"] - last_save["batch"] >= save_every_batches
+        )
+        return by_count or time.monotonic() - last_save["t"] >= save_every_s
+
+    def save() -> None:
+        _save_state(path, state)
+        last_save.update(t=time.monotonic(), batch=state["done"])
 
     with torch.inference_mode():
         if state["pass"] == 1:
             for i in range(state["done"], len(batches)):
-                ids, flat = _pad(batches[i], pad_id)
+                ids, flat = pad_batch(batches[i], pad_id)
                 out = model(ids.to(device))
                 hidden = out.hidden.reshape(-1, out.hidden.shape[-1])[flat.to(device)]  # [N, D]
                 targets = _targets(ids, flat).to(device)
@@ -219,12 +247,12 @@ def profile_experts(
                 state["h"].append(torch.cat(h_parts).numpy() if h_parts else empty.numpy())
                 state["done"] = i + 1
                 tokens_seen += int(ids.numel())
-                if state["done"] % save_every_batches == 0 or state["done"] == len(batches):
-                    _save_state(path, state)
+                if save_due():
+                    save()
                 if on_batch is not None:
                     on_batch(1, state["done"], len(batches))
             state.update({"pass": 2, "done": 0})
-            _save_state(path, state)
+            save()
 
         p_all = torch.from_numpy(np.concatenate(state["p"]))  # [N_total] float32
         h_all = torch.from_numpy(np.concatenate(state["h"]))  # [N_total] float32
@@ -234,7 +262,7 @@ def profile_experts(
         h_hi = exact_quantile(h_all, 1.0 - weights.cc_quantile)  # reported only (spec §2.3)
         acc = ExpertAccumulators.from_state(state["acc"])
         for i in range(state["done"], len(batches)):
-            ids, flat = _pad(batches[i], pad_id)
+            ids, flat = pad_batch(batches[i], pad_id)
             _, w = weights.token_weights(
                 torch.from_numpy(state["p"][i]), torch.from_numpy(state["h"][i]), thr
             )  # w: [N] weight of each scored position's prediction
@@ -251,8 +279,8 @@ def profile_experts(
             state["done"] = i + 1
             state["acc"] = acc.state()
             tokens_seen += int(ids.numel())
-            if state["done"] % save_every_batches == 0 or state["done"] == len(batches):
-                _save_state(path, state)
+            if save_due():
+                save()
             if on_batch is not None:
                 on_batch(2, state["done"], len(batches))
 

@@ -1,0 +1,180 @@
+"""The files a pruning build leaves for people and for machines (eaftreap_spec §5.4, §9).
+
+Under the artifacts directory (``artifacts/20b_pruned_models_eaftreap_budgeted/`` for the
+budgeted task):
+
+- ``scores.parquet``: one row per (layer, expert) with every accumulator and REAP's per-hit means.
+- ``reap-scores.yaml`` (kind ``reap_scores``): ranking per layer and per-expert scores, enough to
+  re-cut any keep count without re-profiling.
+- ``reap-recipe.yaml`` (kind ``reap_recipe``): how the model was made (scoring, data, allocation,
+  layout) so the build can be repeated.
+- ``keep_counts_by_layer.json``, ``core_experts_by_layer.json``, ``keep_experts_by_layer.json``.
+- ``manifest.json`` with ``out_dir`` (the pruned checkpoint) and the layout written.
+
+Plots (keep counts and score mass per layer) go to ``reports/`` as PNG and are shown inline by
+the notebook. Every JSON/YAML carries ``schema_version`` and is written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from versa_kernels.eaftreap.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+SCHEMA_VERSION = 1
+SCORES_PARQUET = "scores.parquet"
+REAP_SCORES_YAML = "reap-scores.yaml"
+REAP_RECIPE_YAML = "reap-recipe.yaml"
+MANIFEST_JSON = "manifest.json"
+KEEP_COUNTS_JSON = "keep_counts_by_layer.json"
+CORE_EXPERTS_JSON = "core_experts_by_layer.json"
+KEEP_EXPERTS_JSON = "keep_experts_by_layer.json"
+PROFILE_META_JSON = "profile_meta.json"
+
+__all__ = [
+    "CORE_EXPERTS_JSON",
+    "KEEP_COUNTS_JSON",
+    "MANIFEST_JSON",
+    "REAP_RECIPE_YAML",
+    "REAP_SCORES_YAML",
+    "SCORES_PARQUET",
+    "plot_allocation",
+    "write_json",
+    "write_reap_recipe",
+    "write_reap_scores",
+    "write_scores_parquet",
+]
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON (indent 2, sorted keys)."""
+    atomic_write_json(path, obj)
+
+
+def _yaml(obj: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False, default_flow_style=None, width=100)
+
+
+def write_scores_parquet(path: Path, rows: list[dict[str, float | int]]) -> None:
+    """One row per (layer, expert), zstd-compressed parquet, written atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf, compression="zstd")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def ranking_by_layer(scores: np.ndarray, experts_per_layer: Sequence[int]) -> list[list[int]]:
+    """Expert ids per layer, best first (ties to the lower id)."""
+    return [
+        [int(e) for e in np.argsort(-scores[layer, :n], kind="stable")]
+        for layer, n in enumerate(experts_per_layer)
+    ]
+
+
+def write_reap_scores(
+    path: Path,
+    *,
+    score_key: str,
+    scores: np.ndarray,
+    table: list[dict[str, float | int]],
+    experts_per_layer: Sequence[int],
+    profile_meta: dict[str, Any],
+    sample: dict[str, Any],
+    inputs: dict[str, str],
+) -> None:
+    """``reap-scores.yaml`` (spec §9.2): rankings and per-expert scores of every layer."""
+    ranking = ranking_by_layer(scores, experts_per_layer)
+    by_key = {(int(r["layer"]), int(r["expert"])): r for r in table}
+    layer_scores = []
+    for layer, order in enumerate(ranking):
+        experts = []
+        for e in order:
+            r = by_key[(layer, e)]
+            experts.append(
+                {
+                    "expert": e,
+                    "score": float(scores[layer, e]),
+                    "count": int(r["count"]),
+                    "gate_mean": float(r["gate_mean"]),
+                    "norm_mean": float(r["norm_mean"]),
+                    "saliency_mean": float(r["saliency_mean"]),
+                    "eaft_saliency_mean": float(r["eaft_saliency_mean"]),
+                    "pos_count": int(r["pos_count"]),
+                    "neg_count": int(r["neg_count"]),
+                }
+            )
+        layer_scores.append({"layer": layer, "experts": experts})
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "reap_scores",
+        "method": "eaftreap",
+        "score_key": score_key,
+        "score_definition": (
+            "per (layer, expert): sum over scored completion positions t routed to the expert of "
+            "w_t * g * ||y_e(x_t)||_2, w_t the EAFT class weight of the prediction made at t"
+            if score_key == "eaft_gate_norm_sum"
+            else f"accumulator {score_key} per (layer, expert); see scores.parquet"
+        ),
+        "inputs": inputs,
+        "profile_meta": profile_meta,
+        "sample": sample,
+        "summary": {
+            "num_layers": len(experts_per_layer),
+            "num_experts": int(max(experts_per_layer)),
+        },
+        "ranking_by_layer": ranking,
+        "layer_scores": layer_scores,
+    }
+    atomic_write_text(path, _yaml(doc))
+
+
+def write_reap_recipe(path: Path, recipe: dict[str, Any]) -> None:
+    """``reap-recipe.yaml`` (spec §9.1) from a prepared mapping."""
+    doc = {"schema_version": SCHEMA_VERSION, "kind": "reap_recipe", **recipe}
+    atomic_write_text(path, _yaml(doc))
+
+
+def plot_allocation(
+    path: Path,
+    *,
+    keep_counts: Sequence[int],
+    num_experts: int,
+    mass_share_kept: Sequence[float],
+    neff: Sequence[float],
+    title: str,
+) -> Any:
+    """Two panels: kept experts per layer (with neff) and the share of score mass kept."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    layers = np.arange(len(keep_counts))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    ax1.bar(layers, keep_counts, color="tab:blue", label="kept experts")
+    ax1.plot(layers, neff, "o-", color="tab:orange", label="neff (score spread)")
+    ax1.axhline(num_experts, color="grey", linestyle="--", linewidth=1, label="experts in base")
+    ax1.set_xlabel("layer")
+    ax1.set_ylabel("experts")
+    ax1.set_title("keep count per layer")
+    ax1.legend(fontsize=8)
+    ax2.bar(layers, mass_share_kept, color="tab:green")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_xlabel("layer")
+    ax2.set_ylabel("share of layer score mass kept")
+    ax2.set_title("score mass kept per layer")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
+    return fig
