@@ -13,15 +13,16 @@ import importlib
 import logging
 import os
 import sys
+import tempfile
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from versa_runner import lifecycle, runs, sync, tasks
-from versa_runner.backends import REGISTRY
+from versa_runner.backends import get_backend_class
 from versa_runner.backends.base import Backend
 from versa_runner.backends.local import LocalBackend
 from versa_runner.errors import (
@@ -47,6 +48,7 @@ VERBS = (
     "fixtures",
     "summarize",
 )
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # holds kernels/ and notebooks/
 INTERRUPTED_EXIT = 130  # what a shell reports for Ctrl-C
 
 EXAMPLES = {
@@ -210,23 +212,20 @@ class Context:
         if record.backend == "local":
             return LocalBackend(record.root)
         if record.backend == "jupyter":
-            return self._jupyter_backend()
+            return self._jupyter_backend(root=record.root)
         raise UsageError(
             f"run {record.run_id} uses target {record.backend!r}, which this build cannot reach"
         )
 
-    def _jupyter_backend(self) -> Backend:
-        if "jupyter" not in REGISTRY:
-            raise UsageError(
-                "--url/--url-file/--token-file: the Jupyter target is not available in this build yet",
-                hint="Run without --url to use this machine.",
-            )
-        backend_class: Any = importlib.import_module("versa_runner.backends").get_backend_class(
-            "jupyter"
-        )
+    def _jupyter_backend(self, root: str | None = None) -> Backend:
+        backend_class: Any = get_backend_class("jupyter")
+        jupyter_url = importlib.import_module("versa_runner.backends.jupyter_url")
         a = self.args
-        return backend_class.from_options(url=getattr(a, "url", None), url_file=getattr(a, "url_file", None),
-                                          token_file=getattr(a, "token_file", None))  # fmt: skip
+        target = jupyter_url.resolve_target(
+            url=getattr(a, "url", None), url_file=getattr(a, "url_file", None),
+            token_file=getattr(a, "token_file", None),
+        )  # fmt: skip
+        return backend_class(target, root=root)
 
     def record(self, ref: str | None) -> runs.RunRecord:
         record = runs.resolve_run(self.output_dir, ref)
@@ -286,6 +285,7 @@ def cmd_submit(ctx: Context) -> int:
         record = lifecycle.submit(
             backend, task=task_name, notebook_path=notebook, params=params, job_env=job_env,
             settings=settings, save=lambda r: runs.save_record(ctx.output_dir, r),
+            prepare=_remote_prepare(backend, task_name, a.profile),
         )  # fmt: skip
         ctx.out.submitted(record, detached=not a.no_detach)
         if a.no_detach:
@@ -296,6 +296,32 @@ def cmd_submit(ctx: Context) -> int:
             ctx.out.status(record, status)
             return _outcome(record, status)
     return 0
+
+
+def _remote_prepare(
+    backend: Backend, task_name: str, profile: str
+) -> Callable[[dict[str, Any]], lifecycle.LaunchAdditions] | None:
+    """Remote targets get the code tree and a bootstrap plan; the local target has both already."""
+    if backend.name == "local":
+        return None
+
+    def prepare(preflight_info: dict[str, Any]) -> lifecycle.LaunchAdditions:
+        codesync = importlib.import_module("versa_runner.codesync")
+        bootstrap = importlib.import_module("versa_runner.bootstrap")
+        with tempfile.TemporaryDirectory(prefix="versa-code-") as work_dir:
+            code_dir = codesync.stage_code(backend, PROJECT_ROOT, Path(work_dir))
+        plan = bootstrap.plan_bootstrap(
+            profile=profile,
+            python=preflight_info["executable"],
+            task=task_name,
+            root=backend.root(),
+        )
+        return lifecycle.LaunchAdditions(
+            pythonpath=[*codesync.code_pythonpath(code_dir), *plan.pythonpath],
+            env=dict(plan.env), bootstrap=list(plan.steps),
+        )  # fmt: skip
+
+    return prepare
 
 
 def _follow(

@@ -89,6 +89,15 @@ class Settings:
         return cls(**values)
 
 
+@dataclass
+class LaunchAdditions:
+    """Target-specific launch.json entries: job PYTHONPATH, non-secret env, bootstrap steps."""
+
+    pythonpath: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    bootstrap: list[dict[str, Any]] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class Progress:
     """Where papermill is in the notebook (from output.ipynb's `metadata.papermill`)."""
@@ -167,22 +176,23 @@ def stage(
     params: dict[str, Any],
     job_env: JobEnvironment,
     settings: Settings,
-    pythonpath: list[str] | None = None,
+    additions: LaunchAdditions | None = None,
 ) -> str:
     """Write the run directory on the target; the source notebook is copied, never edited."""
     run_dir = run_dir_of(run_id)
     backend.put_file(notebook_path, f"{run_dir}/input.ipynb")
     params_yaml = yaml.safe_dump({**params, "run_id": run_id}, sort_keys=True)
     backend.put_bytes(f"{run_dir}/params.yaml", params_yaml.encode())
+    additions = additions or LaunchAdditions()
     launch_config = {
         "cwd": backend.root(),
-        "pythonpath": pythonpath or [],
-        "env": job_env.public,
+        "pythonpath": additions.pythonpath,
+        "env": {**additions.env, **job_env.public},
         "heartbeat_interval_s": settings.heartbeat_interval_s,
         "kill_grace_s": settings.kill_grace_s,
         "kernel_name": settings.kernel_name,
         "execution_timeout_s": settings.execution_timeout_s,
-        "bootstrap": [],
+        "bootstrap": additions.bootstrap,
     }
     backend.put_bytes(f"{run_dir}/launch.json", json.dumps(launch_config, indent=2).encode())
     backend.put_bytes(f"{run_dir}/launcher.py", Path(launcher.__file__).read_bytes())
@@ -209,15 +219,17 @@ def submit(
     job_env: JobEnvironment,
     settings: Settings,
     save: Callable[[RunRecord], None],
-    pythonpath: list[str] | None = None,
+    prepare: Callable[[dict[str, Any]], LaunchAdditions] | None = None,
 ) -> RunRecord:
     """Preflight, stage and launch one run; `save` journals it before the launch (so a failed
-    launch still leaves a record to inspect)."""
-    preflight(backend, min_free_gb=settings.min_free_gb)
+    launch still leaves a record to inspect). `prepare` gets the preflight facts and returns
+    what the target needs besides the notebook (code sync, bootstrap steps)."""
+    info = preflight(backend, min_free_gb=settings.min_free_gb)
+    additions = prepare(info) if prepare is not None else None
     run_id = new_run_id()
     run_dir = stage(
         backend, run_id=run_id, notebook_path=notebook_path, params=params, job_env=job_env,
-        settings=settings, pythonpath=pythonpath,
+        settings=settings, additions=additions,
     )  # fmt: skip
     record = RunRecord(
         run_id=run_id, task=task, notebook=notebook_path.name, backend=backend.name,

@@ -103,8 +103,10 @@ def safe_destination(dest_root: Path, relative: str) -> Path:
         or ":" in pure.parts[0]
     ):
         raise UnsafePathError(f"refusing absolute path {relative!r} from the target")
-    if any(part in ("..", "") for part in pure.parts) or "\\" in relative:
-        raise UnsafePathError(f"refusing path {relative!r} from the target: it contains '..'")
+    if any(part in ("..", ".", "") for part in relative.split("/")) or "\\" in relative:
+        raise UnsafePathError(
+            f"refusing path {relative!r} from the target: it contains '..', '.' or an empty part"
+        )
     root = dest_root.resolve()
     candidate = root.joinpath(*pure.parts)
     if candidate.is_symlink() or not candidate.parent.resolve().is_relative_to(root):

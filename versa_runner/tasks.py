@@ -86,8 +86,9 @@ class Task:
     outputs: tuple[str, ...]
     check: Callable[[dict[str, Any]], None] | None = None
 
-    def notebook_path(self, notebooks_dir: Path = NOTEBOOKS_DIR) -> Path:
-        return notebooks_dir / f"{self.notebook}.ipynb"
+    def notebook_path(self, notebooks_dir: Path | None = None) -> Path:
+        """The task's notebook (in the repository's `notebooks/` unless told otherwise)."""
+        return (notebooks_dir or NOTEBOOKS_DIR) / f"{self.notebook}.ipynb"
 
     def param(self, flag: str) -> Param | None:
         return next((p for p in self.params if p.flag == flag), None)

@@ -31,11 +31,11 @@ def _notebook(parameters: str, *cells: str) -> nbformat.NotebookNode:
 NOTEBOOKS = {
     "ok": _notebook(
         'greeting = "hello"\nrepeat = 1\nrun_id = ""',
-        "import os, pathlib\n"
+        "import json\nimport os\nimport pathlib\n\n"
         "pathlib.Path('reports').mkdir(exist_ok=True)\n"
         "pathlib.Path('artifacts/ok').mkdir(parents=True, exist_ok=True)\n"
         "pathlib.Path('reports/ok.md').write_text(f'{greeting} x{repeat} run={run_id}\\n')\n"
-        "pathlib.Path('artifacts/ok/result.json').write_text('{\"cwd\": \"%s\"}' % os.getcwd())",
+        "pathlib.Path('artifacts/ok/result.json').write_text(json.dumps({'cwd': os.getcwd()}))",
         "print('OK_NOTEBOOK_DONE', greeting * repeat, 'caf\\u00e9 \\u2713')",
     ),
     "raises": _notebook(
@@ -47,7 +47,7 @@ NOTEBOOKS = {
     "sysexit1": _notebook('run_id = ""', "import sys\nsys.exit(1)"),
     "sleep": _notebook(
         'seconds = 300\nrun_id = ""\npid_file = "artifacts/sleep_pids.txt"',
-        "import os, pathlib, subprocess\n"
+        "import os\nimport pathlib\nimport subprocess\n\n"
         "child = subprocess.Popen(['sleep', str(seconds)])\n"
         "pathlib.Path(pid_file).parent.mkdir(parents=True, exist_ok=True)\n"
         "pathlib.Path(pid_file).write_text(f'{os.getpid()} {child.pid}\\n')\n"

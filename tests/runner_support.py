@@ -1,0 +1,95 @@
+"""Helpers shared by tests/test_runner_*.py: run the real CLI in a subprocess, poll files, and
+clean up process groups a test started (never by name, only by recorded pgid/pid)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_NOTEBOOKS = REPO / "tests" / "notebooks"
+
+
+def runner_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment for a CLI subprocess: small disk floor, fast heartbeat, isolated journal."""
+    env = dict(os.environ)
+    env.pop("VERSA_RUNNER_HOME", None)
+    env.update(VERSA_RUNNER_MIN_FREE_GB="0.05", VERSA_RUNNER_HEARTBEAT_S="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def cli(
+    args: list[str], cwd: Path, env: dict[str, str], timeout_s: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run `versa-run ARGS` as a real process (python -m, so PATH does not matter)."""
+    return subprocess.run(
+        [sys.executable, "-m", "versa_runner.cli", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False,
+    )  # fmt: skip
+
+
+def only_run_id(output_dir: Path) -> str:
+    runs = sorted((output_dir / ".versa_runner" / "runs").glob("*.json"))
+    assert len(runs) == 1, [p.name for p in runs]
+    return runs[0].stem
+
+
+def run_dir(output_dir: Path, run_id: str) -> Path:
+    return output_dir / "versa_runs" / run_id
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def read_status(output_dir: Path, run_id: str) -> dict:
+    path = run_dir(output_dir, run_id) / "status.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def pid_alive(pid: int) -> bool:
+    """True when /proc/<pid> exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def pids_in_group(pgid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    stat = fh.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def kill_run_processes(output_dir: Path, run_id: str) -> None:
+    """Test cleanup: SIGKILL the launcher group and papermill group this run recorded."""
+    status = read_status(output_dir, run_id)
+    for key in ("pgid", "papermill_pid"):
+        if status.get(key):
+            try:
+                os.killpg(int(status[key]), signal.SIGKILL)
+            except OSError:
+                pass
