@@ -32,7 +32,14 @@ DEFAULT_QUERY_CHUNK = 1024
 YARN_DEFAULT_BETA_FAST = 32.0
 YARN_DEFAULT_BETA_SLOW = 1.0
 
-__all__ = ["DEFAULT_QUERY_CHUNK", "rms_norm", "rope_cos_sin", "apply_rope", "sdpa_with_sinks"]
+__all__ = [
+    "DEFAULT_QUERY_CHUNK",
+    "apply_rope",
+    "rms_norm",
+    "rope_cos_sin",
+    "sdpa_with_sinks",
+    "sdpa_with_sinks_fused",
+]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -147,3 +154,43 @@ def sdpa_with_sinks(
         outputs.append(torch.matmul(probs.to(V.dtype), V[:, :, key_start:stop]))  # [B, N, c, d]
     out = torch.cat(outputs, dim=2)  # [B, N, T, d]
     return out.transpose(1, 2).reshape(B, T, N * d)  # [B, T, N*d]
+
+
+def sdpa_with_sinks_fused(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    S: torch.Tensor,
+    *,
+    sm_scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Same result as `sdpa_with_sinks`, through torch's fused `scaled_dot_product_attention`.
+
+    The sink becomes an extra key at slot 0 that every query sees: queries get one more
+    coordinate equal to 1, the sink key is (0, ..., 0, S_h / sm_scale) and its value is zero, so
+    its score is exactly S_h and it adds nothing to the output. Used for training (much faster
+    than the reference on CPU); in bf16 the division by sm_scale rounds S slightly, so inference
+    keeps the reference path. Q [B, N, T, d], K/V [B, G, T, d], S [N] -> [B, T, N*d].
+    """
+    B, N, T, d = Q.shape
+    G = K.shape[1]
+    q = torch.cat([Q, Q.new_ones(B, N, T, 1)], dim=-1)  # [B, N, T, d+1]
+    k = torch.cat([K, K.new_zeros(B, G, T, 1)], dim=-1)  # [B, G, T, d+1]
+    v = torch.cat([V, V.new_zeros(B, G, T, 1)], dim=-1)  # [B, G, T, d+1]
+    k = k.repeat_interleave(N // G, dim=1)  # [B, N, T, d+1]
+    v = v.repeat_interleave(N // G, dim=1)  # [B, N, T, d+1]
+    sink_key = torch.cat([S.new_zeros(N, d), (S / sm_scale)[:, None]], dim=-1).to(
+        k.dtype
+    )  # [N, d+1]
+    k = torch.cat(
+        [sink_key.view(1, N, 1, d + 1).expand(B, N, 1, d + 1), k], dim=2
+    )  # [B, N, T+1, d+1]
+    v = torch.cat([v.new_zeros(B, N, 1, d + 1), v], dim=2)  # [B, N, T+1, d+1]
+    positions = torch.arange(T, device=Q.device)
+    visible = positions[None, :] <= positions[:, None]  # [T, T]
+    if sliding_window is not None:
+        visible = visible & (positions[None, :] > positions[:, None] - sliding_window)
+    mask = torch.cat([visible.new_ones(T, 1), visible], dim=1)  # [T, T+1], sink always visible
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sm_scale)
+    return out[..., :d].transpose(1, 2).reshape(B, T, N * d)  # [B, T, N*d]
