@@ -324,6 +324,17 @@ class GptOssModel(nn.Module):
         """Build on `meta`, then load `tensors` (this module's names) strictly onto `device`."""
         tensors = dict(tensors)
         counts = list(config.experts_per_layer)
+        if not config.is_uniform:
+            # Per-layer pruned checkpoints (eaftreap.rewrite) store every layer padded to one
+            # count with masked dummy experts *after* the real ones, so stock runtimes load
+            # them; `num_local_experts_per_layer` says how many rows are real.
+            for layer, count in enumerate(counts):
+                for leaf in [f"router.{t}" for t in ROUTER_TENSORS] + [
+                    f"experts.{t}" for t in EXPERT_TENSORS
+                ]:
+                    name = f"model.layers.{layer}.mlp.{leaf}"
+                    if name in tensors and tensors[name].shape[0] > count:
+                        tensors[name] = tensors[name][:count]
         if experts_keep is not None:
             if len(experts_keep) != config.num_hidden_layers:
                 raise ParameterError(
