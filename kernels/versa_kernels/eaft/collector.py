@@ -188,6 +188,31 @@ def _resolve_pack_files(repo: str, files: Sequence[str]) -> list[Path]:
     return fetch_pack_files(repo, files)
 
 
+def _resolve_model_path(model_id: str, model_path: str) -> str:
+    """`model_path` if given; else `model_id` as a local directory or a Hugging Face repo id."""
+    if model_path:
+        if not Path(model_path).is_dir():
+            raise ParameterError(
+                f"model_path={model_path!r} is not a checkpoint directory",
+                hint="Pass the directory holding config.json and the safetensors shards.",
+            )
+        return model_path
+    if Path(model_id).is_dir():
+        return model_id
+    import os
+
+    from huggingface_hub import snapshot_download
+
+    try:  # the token arrives as the HF_TOKEN secret, never as a parameter
+        return snapshot_download(model_id, token=os.environ.get("HF_TOKEN") or None)
+    except Exception as exc:  # huggingface_hub raises many types; keep the cause
+        raise ParameterError(
+            f"model_path is empty and model_id={model_id!r} is neither a directory nor a "
+            f"downloadable Hugging Face model ({type(exc).__name__})",
+            hint="Pass --model-path with the checkpoint directory on the target.",
+        ) from exc
+
+
 def _environment(device: torch.device) -> dict[str, Any]:
     import transformers
 
@@ -245,8 +270,7 @@ def collect(
     )  # fmt: skip
     if not files:
         raise ParameterError("calib_pack_files is empty; expected one or more parquet files")
-    if not model_path or not Path(model_path).is_dir():
-        raise ParameterError(f"model_path={model_path!r} is not a checkpoint directory")
+    model_path = _resolve_model_path(model_id, model_path)
     from transformers import AutoTokenizer
 
     from versa_kernels.gptoss.model import GptOssModel
