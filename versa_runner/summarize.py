@@ -34,12 +34,25 @@ from typing import Any
 
 from versa_runner.errors import ConfigError, UsageError, VersaRunError
 from versa_runner.fsutil import atomic_write_text
+from versa_runner.gates import DEFAULT_GATES_PATH, GateCheck, Gates, load_gates
 
 log = logging.getLogger(__name__)
 
-GATES_SCHEMA_VERSION = 1
+__all__ = [
+    "DEFAULT_GATES_PATH",
+    "Gates",
+    "PairRow",
+    "PairSummary",
+    "cc_rate_under_thresholds",
+    "compare_runs",
+    "js_divergence_2d",
+    "load_eaft_json",
+    "load_gates",
+    "main",
+    "summarize_pair",
+]
+
 EAFT_SCHEMA_VERSION = 1
-DEFAULT_GATES_PATH = Path(__file__).with_name("near_lossless_gates.json")
 # Settings that change what a number means; two runs that differ in any are not comparable.
 SETTINGS_THAT_MUST_MATCH = (
     "entropy_topk",
@@ -50,42 +63,6 @@ SETTINGS_THAT_MUST_MATCH = (
     "x_max",
     "cc_quantile",
 )
-PPL_BOUND_RULES = ("min", "max")
-CHECK_NAMES = ("ppl", "cc", "mean_p", "js2d")
-
-
-@dataclass(frozen=True)
-class Gates:
-    """A versioned gate: hero rows and the thresholds each of them must meet."""
-
-    name: str
-    path: str
-    primary_pack: str
-    primary_seq_lens: tuple[str, ...]
-    ppl_bound: str
-    max_abs_delta_ppl: float
-    max_rel_delta_ppl: float
-    max_abs_delta_cc_rate: float
-    max_abs_delta_mean_prob: float
-    max_js2d: float
-
-    def ppl_limit(self, ppl_left: float) -> float:
-        """Allowed |dPPL| for a baseline PPL (min of abs and rel*base under v1)."""
-        pick = min if self.ppl_bound == "min" else max
-        return pick(self.max_abs_delta_ppl, self.max_rel_delta_ppl * ppl_left)
-
-
-@dataclass(frozen=True)
-class GateCheck:
-    """One check of one row: `value` must be <= `limit`."""
-
-    name: str
-    value: float
-    limit: float
-
-    @property
-    def ok(self) -> bool:
-        return self.value <= self.limit
 
 
 @dataclass(frozen=True)
@@ -143,50 +120,6 @@ class PairSummary:
     @property
     def passed(self) -> bool:
         return not self.failures
-
-
-def load_gates(path: str | Path | None = None) -> Gates:
-    """Read a gates JSON (default: the packaged near-lossless-v1); malformed is a ConfigError."""
-    gates_path = Path(path) if path is not None else DEFAULT_GATES_PATH
-    raw = _read_json(gates_path, param="--gates-json")
-    hint = f"Start from the shipped gates file {DEFAULT_GATES_PATH} and change only thresholds."
-    if raw.get("schema_version") != GATES_SCHEMA_VERSION:
-        raise ConfigError(
-            f"--gates-json {gates_path}: schema_version must be {GATES_SCHEMA_VERSION}, "
-            f"got {raw.get('schema_version')!r}",
-            hint=hint,
-        )
-    thresholds = raw.get("thresholds")
-    keys = ("max_abs_delta_ppl", "max_rel_delta_ppl", "max_abs_delta_cc_rate")
-    keys += ("max_abs_delta_mean_prob", "max_js2d")
-    if not isinstance(thresholds, dict) or any(
-        not isinstance(thresholds.get(k), (int, float)) for k in keys
-    ):
-        raise ConfigError(
-            f"--gates-json {gates_path}: 'thresholds' must hold numbers for {', '.join(keys)}",
-            hint=hint,
-        )
-    ppl_bound = raw.get("ppl_bound", "min")
-    if ppl_bound not in PPL_BOUND_RULES:
-        raise ConfigError(
-            f"--gates-json {gates_path}: ppl_bound must be one of {PPL_BOUND_RULES}, got {ppl_bound!r}",
-            hint=hint,
-        )
-    seqs = raw.get("primary_seq_lens")
-    if not isinstance(raw.get("primary_pack"), str) or not isinstance(seqs, list) or not seqs:
-        raise ConfigError(
-            f"--gates-json {gates_path}: needs 'primary_pack' (string) and a non-empty "
-            "'primary_seq_lens' list",
-            hint=hint,
-        )
-    return Gates(
-        name=str(raw.get("name", gates_path.stem)),
-        path=str(gates_path),
-        primary_pack=raw["primary_pack"],
-        primary_seq_lens=tuple(str(s) for s in seqs),
-        ppl_bound=ppl_bound,
-        **{k: float(thresholds[k]) for k in keys},
-    )
 
 
 def load_eaft_json(path: str | Path, *, param: str) -> dict[str, Any]:
