@@ -18,6 +18,13 @@ Direction = Literal["up", "down"]
 _BUFFER_BYTES = 64 * 1024
 
 
+def free_port() -> int:
+    """A TCP port that was free on loopback a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class FaultProxy:
     """Forward 127.0.0.1:<port> to 127.0.0.1:<target_port>, cutting connections on schedule."""
 

@@ -15,16 +15,17 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import pytest
 import requests
+from faultproxy import free_port
 
 SERVER_START_TIMEOUT_S = 60.0
 
@@ -37,6 +38,7 @@ class JupyterServer:
     token: str | None = field(repr=False)
     root_dir: Path
     proc: subprocess.Popen
+    log_file: IO[bytes]
     secrets: tuple[str, ...] = field(repr=False, default=())
     """Values that must never leak (token, credential path segment, whole URL)."""
 
@@ -49,13 +51,7 @@ class JupyterServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
-
-
-def free_port() -> int:
-    """A TCP port that was free on loopback a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        self.log_file.close()
 
 
 def start_jupyter_server(
@@ -100,6 +96,7 @@ def start_jupyter_server(
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while True:
         if proc.poll() is not None:
+            log_file.close()
             raise RuntimeError(
                 f"jupyter_server exited: {(workdir / 'server.log').read_text()[-2000:]}"
             )
@@ -110,10 +107,13 @@ def start_jupyter_server(
             pass
         if time.monotonic() > deadline:
             proc.kill()
+            log_file.close()
             raise RuntimeError("jupyter_server did not answer within 60 s")
         time.sleep(0.2)
     leaked = tuple(s for s in (token, url if base_path != "/" else None) if s)
-    return JupyterServer(url=url, token=token, root_dir=root, proc=proc, secrets=leaked)
+    return JupyterServer(
+        url=url, token=token, root_dir=root, proc=proc, log_file=log_file, secrets=leaked
+    )
 
 
 @pytest.fixture(scope="session")
