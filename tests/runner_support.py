@@ -87,9 +87,20 @@ def pids_in_group(pgid: int) -> list[int]:
 def kill_run_processes(output_dir: Path, run_id: str) -> None:
     """Test cleanup: SIGKILL the launcher group and papermill group this run recorded."""
     status = read_status(output_dir, run_id)
-    for key in ("pgid", "papermill_pid"):
-        if status.get(key):
-            try:
-                os.killpg(int(status[key]), signal.SIGKILL)
-            except OSError:
-                pass
+    groups = [int(status[key]) for key in ("pgid", "papermill_pid") if status.get(key)]
+    pid_file = output_dir / "artifacts" / "sleep_pids.txt"  # written by sleep.ipynb
+    children: list[int] = []
+    if pid_file.exists():
+        kernel_pid, child_pid = (int(p) for p in pid_file.read_text().split())
+        groups.append(kernel_pid)  # the kernel leads its own session
+        children.append(child_pid)
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass

@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--kernel-name", default="python3", help="Jupyter kernel for papermill")
     submit.add_argument(
+        "--profile",
+        default="auto",
+        choices=("auto", "none", "kaggle"),
+        help="bootstrap profile of a remote target (auto: kaggle when the root is /kaggle/working)",
+    )
+    submit.add_argument(
         "--execution-timeout", type=float, default=None, metavar="S", help="per-cell timeout"
     )
     submit.set_defaults(help_text=submit.format_help)

@@ -303,7 +303,7 @@ class Launcher:
             argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, cwd=cwd, start_new_session=True, close_fds=True,
         )  # fmt: skip
-        self.write_status(papermill_pid=proc.pid)
+        self.write_status(papermill_pid=proc.pid, papermill_start_ticks=proc_start_ticks(proc.pid))
         state, exit_code = self.supervise(proc)
         return self.finish(state, exit_code)
 

@@ -424,7 +424,7 @@ def kill(backend: Backend, record: RunRecord, *, grace_s: float) -> RunStatus:
     status = read_status(backend, record)
     if status.state is RunState.LOST:
         raise RunStateError(f"run {record.run_id} is lost: its directory is gone on the target")
-    if status.state.is_terminal:
+    if status.exit_code is not None:  # already ended; a stale run (no exit_code) is still killed
         return status
     if not status.info:
         raise TargetError(

@@ -111,23 +111,38 @@ with open(os.path.join(run_dir, "status.json")) as fh:
 pid, pgid = status["pid"], status["pgid"]
 exit_file = os.path.join(run_dir, "exit_code")
 result = {"signalled": False, "escalated": False, "reason": ""}
+launcher_alive = ticks(pid) is not None and ticks(pid) == status.get("pid_start_ticks")
+papermill = status.get("papermill_pid")
+papermill_alive = bool(papermill) and ticks(papermill) is not None and ticks(papermill) == status.get("papermill_start_ticks")
 if os.path.exists(exit_file):
     result["reason"] = "already ended"
-elif ticks(pid) != status.get("pid_start_ticks"):
-    result["reason"] = "launcher process is gone (or its pid was reused)"
+elif not launcher_alive and not papermill_alive:
+    result["reason"] = "no process of the run is alive (or its pids were reused)"
 else:
-    procs = tree(pid)
-    send([], [pgid], signal.SIGTERM)
+    procs = {}
+    roots = [p for p, alive in ((pid, launcher_alive), (papermill, papermill_alive)) if alive]
+    for root in roots:
+        procs.update(tree(root))
+    if launcher_alive:  # the launcher forwards SIGTERM to papermill's group and the kernel's
+        send([], [pgid], signal.SIGTERM)
+    else:  # stale run: the launcher died, papermill and the kernel may still be running
+        procs[papermill] = papermill
+        send(list(procs), set(procs.values()), signal.SIGTERM)
     result["signalled"] = True
     deadline = time.monotonic() + args["grace_s"]
     while time.monotonic() < deadline and not os.path.exists(exit_file):
-        procs.update(tree(pid))
+        for root in roots:
+            if ticks(root) is not None:
+                procs.update(tree(root))
+        if not launcher_alive and all(ticks(p) is None for p in procs):
+            break
         time.sleep(0.2)
-    procs.update(tree(pid))
-    alive = [p for p in list(procs) + [pid] if ticks(p) is not None]
+    own = [pid] if launcher_alive else []  # never signal a pid we could not verify
+    alive = [p for p in list(procs) + own if ticks(p) is not None]
     if alive:
         result["escalated"] = True
-        send(alive, {pgid, *procs.values()}, signal.SIGKILL)
+        groups = set(procs.values()) | ({pgid} if launcher_alive else set())
+        send(alive, groups, signal.SIGKILL)
 if not os.path.exists(exit_file):
     now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
     for name, text in (("exit_code", "137\n"), ("status.json", None)):

@@ -1,0 +1,303 @@
+"""The run protocol end to end on the local target: real `versa-run` processes, real launcher,
+real papermill and ipykernel. Each test owns a temporary output directory and kills only the
+process groups its own run recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from runner_support import (
+    TEST_NOTEBOOKS,
+    cli,
+    kill_run_processes,
+    only_run_id,
+    pid_alive,
+    pids_in_group,
+    read_status,
+    run_dir,
+    runner_env,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def test_detached_ok_notebook_then_status_logs_wait_sync(tmp_path: Path) -> None:
+    env = runner_env(tmp_path)
+    submitted = cli(
+        [
+            "submit",
+            "--notebook",
+            str(TEST_NOTEBOOKS / "ok.ipynb"),
+            "-p",
+            "greeting",
+            "hey",
+            "-p",
+            "repeat",
+            "2",
+        ],
+        tmp_path,
+        env,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    run_id = only_run_id(tmp_path)
+    for command in ("logs", "wait", "sync", "kill"):
+        assert f"versa-run {command} {run_id}" in submitted.stdout  # the exact follow-up commands
+    waited = cli(["wait", run_id[:12], "--timeout", "90"], tmp_path, env)
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert "succeeded" in waited.stdout
+    assert (tmp_path / "reports" / "ok.md").read_text() == f"heyhey x2 run={run_id}\n".replace(
+        "heyhey", "hey"
+    )
+    assert json.loads((tmp_path / "artifacts/ok/result.json").read_text())["cwd"] == str(tmp_path)
+    status = cli(["status", "--json"], tmp_path, env)  # RUN omitted: the newest run
+    info = json.loads(status.stdout)
+    assert info["state"] == "succeeded" and info["exit_code"] == 0 and info["run_id"] == run_id
+    assert info["progress"]["cells_done"] == info["progress"]["cells_total"] == 4  # 3 + injected
+    logs = cli(["logs", "last"], tmp_path, env)
+    assert "OK_NOTEBOOK_DONE heyhey café ✓" in logs.stdout
+    tail = cli(["logs", run_id, "--tail", "1"], tmp_path, env)
+    assert tail.stdout.count("\n") == 1 and "state=succeeded exit_code=0" in tail.stdout
+    rd = run_dir(tmp_path, run_id)
+    for name in (
+        "input.ipynb",
+        "params.yaml",
+        "launcher.py",
+        "output.ipynb",
+        "run.log",
+        "status.json",
+        "heartbeat",
+        "exit_code",
+    ):
+        assert (rd / name).exists(), name
+    assert (rd / "exit_code").read_text().strip() == "0"
+    for _ in range(2):  # the job cwd is the output dir: nothing to transfer, ever
+        synced = cli(["sync", run_id, "--json"], tmp_path, env)
+        assert json.loads(synced.stdout)["transferred"] == []
+    notebook = tmp_path / "reports" / "notebooks" / f"{run_id}_ok.ipynb"
+    assert "OK_NOTEBOOK_DONE" in notebook.read_text()
+    listed = cli(["list"], tmp_path, env)
+    assert run_id in listed.stdout and "succeeded" in listed.stdout
+
+
+def test_raising_cell_fails_no_detach_with_evidence(tmp_path: Path) -> None:
+    env = runner_env(tmp_path)
+    result = cli(
+        ["submit", "--notebook", str(TEST_NOTEBOOKS / "raises.ipynb"), "--no-detach"], tmp_path, env
+    )
+    assert result.returncode == 1
+    assert "deliberate failure from raises.ipynb" in result.stdout  # streamed while following
+    assert result.stderr.startswith("error: run ") and "Traceback" not in result.stderr
+    run_id = only_run_id(tmp_path)
+    assert read_status(tmp_path, run_id)["state"] == "failed"
+    output = json.loads((run_dir(tmp_path, run_id) / "output.ipynb").read_text())
+    errors = [
+        o for c in output["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"
+    ]
+    assert (
+        errors
+        and errors[0]["ename"] == "ValueError"
+        and "deliberate failure" in errors[0]["evalue"]
+    )
+    logs = cli(["logs", run_id], tmp_path, env)
+    assert "ValueError: deliberate failure from raises.ipynb" in logs.stdout
+    status = cli(["status", run_id], tmp_path, env)
+    assert "failed" in status.stdout and "exit_code=1" in status.stdout
+    assert "cell 3/5 completed; cell 4 failed" in status.stdout
+
+
+def test_sys_exit_1_is_a_failure(tmp_path: Path) -> None:
+    env = runner_env(tmp_path)
+    assert (
+        cli(
+            ["submit", "--notebook", str(TEST_NOTEBOOKS / "sysexit1.ipynb")], tmp_path, env
+        ).returncode
+        == 0
+    )
+    run_id = only_run_id(tmp_path)
+    waited = cli(["wait", run_id, "--timeout", "90"], tmp_path, env)
+    assert waited.returncode == 1 and "failed" in waited.stderr
+    assert (run_dir(tmp_path, run_id) / "exit_code").read_text().strip() != "0"
+
+
+def _start_sleeper(tmp_path: Path, env: dict[str, str], seconds: int) -> tuple[str, list[int]]:
+    """Submit sleep.ipynb detached; return its run id and (kernel pid, child pid) once running."""
+    submitted = cli(
+        [
+            "submit",
+            "--notebook",
+            str(TEST_NOTEBOOKS / "sleep.ipynb"),
+            "-p",
+            "seconds",
+            str(seconds),
+        ],
+        tmp_path,
+        env,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    run_id = only_run_id(tmp_path)
+    pid_file = tmp_path / "artifacts" / "sleep_pids.txt"
+    wait_for(pid_file.exists, 60, "the sleep notebook to start")
+    return run_id, [int(p) for p in pid_file.read_text().split()]
+
+
+def test_kill_ends_the_whole_process_group(tmp_path: Path) -> None:
+    env = runner_env(tmp_path)
+    run_id, (kernel_pid, child_pid) = _start_sleeper(tmp_path, env, 300)
+    try:
+        status = read_status(tmp_path, run_id)
+        pgid, papermill_pid = status["pgid"], status["papermill_pid"]
+        assert pids_in_group(pgid) and pid_alive(kernel_pid) and pid_alive(child_pid)
+        running = cli(["status", run_id], tmp_path, env)
+        assert (
+            "running" in running.stdout and "cell 3/5 completed; cell 4 running" in running.stdout
+        )
+        killed = cli(["kill", run_id, "--grace", "10", "--yes"], tmp_path, env)
+        assert killed.returncode == 0, killed.stderr
+        assert "killed" in killed.stdout
+        wait_for(lambda: not pids_in_group(pgid), 10, "the launcher group to be empty")
+        for pid in (papermill_pid, kernel_pid, child_pid):
+            wait_for(lambda pid=pid: not pid_alive(pid), 10, f"pid {pid} to end")
+        assert pids_in_group(os.getpgid(0))  # sanity: the helper sees live groups (ours)
+        final = read_status(tmp_path, run_id)
+        assert final["state"] == "killed" and final["exit_code"] == 128 + signal.SIGTERM
+        waited = cli(["wait", run_id], tmp_path, env)
+        assert waited.returncode == 128 + signal.SIGTERM and "killed" in waited.stdout
+    finally:
+        kill_run_processes(tmp_path, run_id)
+
+
+def test_detached_job_survives_its_submitter_being_killed(tmp_path: Path) -> None:
+    env = runner_env(tmp_path)
+    notebook = str(TEST_NOTEBOOKS / "sleep.ipynb")
+    submitter = subprocess.Popen(
+        [sys.executable, "-m", "versa_runner.cli", "submit", "--notebook", notebook, "-p", "seconds", "4", "--no-detach"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    run_id = ""
+    try:
+        wait_for(
+            lambda: (tmp_path / "artifacts" / "sleep_pids.txt").exists(), 60, "the job to start"
+        )
+        run_id = only_run_id(tmp_path)
+        submitter.send_signal(signal.SIGKILL)  # the launching versa-run process dies mid-follow
+        submitter.wait(timeout=10)
+        assert read_status(tmp_path, run_id)["state"] == "running"
+        waited = cli(["wait", run_id, "--timeout", "60"], tmp_path, env)
+        assert waited.returncode == 0, waited.stdout + waited.stderr
+        assert "SLEEP_DONE" in (run_dir(tmp_path, run_id) / "run.log").read_text()
+    finally:
+        if submitter.poll() is None:
+            submitter.kill()
+        if run_id:
+            kill_run_processes(tmp_path, run_id)
+
+
+def test_stale_when_the_launcher_dies_without_exit_code(tmp_path: Path) -> None:
+    env = runner_env(tmp_path, VERSA_RUNNER_HEARTBEAT_S="0.5")
+    run_id, pids = _start_sleeper(tmp_path, env, 300)
+    try:
+        status = read_status(tmp_path, run_id)
+        assert status["heartbeat_interval_s"] == 0.5
+        os.kill(status["pid"], signal.SIGKILL)  # a launcher OOM-killed: no exit_code, no heartbeat
+        time.sleep(2.5)
+        result = cli(["status", run_id, "--json"], tmp_path, env)
+        assert json.loads(result.stdout)["state"] == "stale"
+        waited = cli(["wait", run_id], tmp_path, env)
+        assert waited.returncode == 4 and "stale" in waited.stderr
+        # papermill, the kernel and its child outlived the launcher; kill still finds them
+        survivors = [status["papermill_pid"], *pids]
+        assert all(pid_alive(pid) for pid in survivors)
+        killed = cli(["kill", run_id, "--grace", "5", "--yes"], tmp_path, env)
+        assert killed.returncode == 0 and "killed" in killed.stdout, killed.stderr
+        for pid in survivors:
+            wait_for(lambda pid=pid: not pid_alive(pid), 10, f"pid {pid} to end")
+    finally:
+        kill_run_processes(tmp_path, run_id)
+
+
+def test_secret_reaches_the_job_and_nothing_else(tmp_path: Path) -> None:
+    secret = "s3cr3t-VALUE-4c1d2e"
+    env = runner_env(tmp_path, VERSA_TEST_SECRET=secret)
+    submitted = cli(
+        [
+            "submit",
+            "--notebook",
+            str(TEST_NOTEBOOKS / "secret.ipynb"),
+            "--secret",
+            "VERSA_TEST_SECRET",
+            "--json",
+        ],
+        tmp_path,
+        env,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    assert json.loads(submitted.stdout)["secret_names"] == ["VERSA_TEST_SECRET"]
+    run_id = only_run_id(tmp_path)
+    rd = run_dir(tmp_path, run_id)
+    seen_ps: list[str] = []
+    while not (rd / "exit_code").exists():
+        seen_ps.append(
+            subprocess.run(["ps", "-eww", "-o", "args="], capture_output=True, text=True).stdout
+        )
+        time.sleep(0.3)
+    waited = cli(["wait", run_id], tmp_path, env)
+    assert waited.returncode == 0, (rd / "run.log").read_text()  # the secret did reach the job
+    assert "SECRET_PRESENT length 19" in (rd / "run.log").read_text()
+    assert not (rd / "secrets.env").exists()  # deleted by the launcher after reading
+    assert len(seen_ps) >= 2 and not any(secret in text for text in seen_ps)
+    journal = tmp_path / ".versa_runner" / "runs" / f"{run_id}.json"
+    for path in (
+        rd / "run.log",
+        rd / "params.yaml",
+        rd / "status.json",
+        rd / "launch.json",
+        rd / "output.ipynb",
+        journal,
+    ):
+        assert secret not in path.read_text(), path.name
+    assert secret not in submitted.stdout + submitted.stderr + waited.stdout + waited.stderr
+
+
+VALIDATE_REPORT = "reports/validate_gpt_oss_expert_math_toy.md"
+
+
+def test_validate_task_detached(tmp_path: Path) -> None:
+    env = runner_env(tmp_path)
+    submitted = cli(
+        ["--task", "validate_expert_math_toy", "--trials", "2", "--device", "cpu"], tmp_path, env
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    run_id = only_run_id(tmp_path)
+    waited = cli(["wait", run_id, "--timeout", "240"], tmp_path, env, timeout_s=300)
+    assert waited.returncode == 0, (run_dir(tmp_path, run_id) / "run.log").read_text()[-3000:]
+    assert (tmp_path / VALIDATE_REPORT).exists()
+    assert (
+        tmp_path / "reports" / "notebooks" / f"{run_id}_validate_expert_math_toy.ipynb"
+    ).exists()
+    params = (run_dir(tmp_path, run_id) / "params.yaml").read_text()
+    assert "trials: 2" in params and "device: cpu" in params and f"run_id: {run_id}" in params
+
+
+def test_validate_task_no_detach(tmp_path: Path) -> None:
+    env = runner_env(tmp_path)
+    result = cli(
+        ["--task", "validate_expert_math_toy", "--trials", "2", "--no-detach"],
+        tmp_path,
+        env,
+        timeout_s=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    run_id = only_run_id(tmp_path)
+    assert "succeeded" in result.stdout
+    assert (tmp_path / VALIDATE_REPORT).exists()
+    assert (
+        tmp_path / "reports" / "notebooks" / f"{run_id}_validate_expert_math_toy.ipynb"
+    ).exists()
