@@ -215,6 +215,7 @@ def build_pruned(
         )  # fmt: skip
         name = _variant_name(kf, plan, keepfrac_task)
         dest = Path(out_dir) / name if out_dir and len(fracs) > 1 else Path(out_dir or art / name)
+        dest = dest.resolve()  # the manifest's out_dir is pasted into other runs: absolute
         check_output_dir(base, dest, overwrite=overwrite)
         variants.append(Variant(name, kf, plan, dest))
     weights_csv = calib_pack_weights_csv
