@@ -335,10 +335,18 @@ def _build_params(*, keep_frac: Param, layout_default: str) -> tuple[Param, ...]
         Param(
             "--max-tokens-per-row",
             "int",
-            128,
-            "completion tokens scored per row",
-            low=1,
+            0,
+            "completion tokens scored per row, strided (0 = all, the issue's default)",
+            low=0,
             high=1_048_576,
+        ),
+        Param(
+            "--baseline-eval-rows",
+            "int",
+            0,
+            "held-out rows for the PPL check vs frequency and random pruning (0 = skip)",
+            low=0,
+            high=1_000_000,
         ),
     )
 
