@@ -14,6 +14,10 @@ What is easy to get wrong, and how this module does it:
   [-limit, limit]; the up half gets an extra `+ 1`.
 - The down bias is added per expert *before* the gate weight multiplies the expert output.
 
+Two MoE paths with the same signature: `moe_reference` (a plain loop, the yardstick) and
+`moe_grouped` (what the model runs: each routed (token, expert) output computed once on the
+tokens grouped by expert, returning the routing and each y_e's norm too); tests hold them equal.
+
 Weights here use the reference orientation (output-major like `nn.Linear.weight`):
 gate_up [E, 2F, D], gate_up_bias [E, 2F], down [E, D, F], down_bias [E, D]. transformers stores
 the transposes (`gate_up_proj [E, D, 2F]`, `down_proj [E, F, D]`).

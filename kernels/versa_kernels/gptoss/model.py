@@ -267,7 +267,9 @@ class GptOssModel(nn.Module):
         """Load an HF-layout MXFP4 (or bf16) gpt-oss checkpoint through `Checkpoint`.
 
         `experts_keep[layer]` lists the expert ids to keep in that layer (physical pruning at
-        load); `top_k` overrides `num_experts_per_tok`.
+        load); `top_k` overrides `num_experts_per_tok`. Tensors go to `device` one at a time and
+        experts are decoded layer by layer in `dtype`, so host memory peaks near one layer's
+        experts (20b in fp32 would otherwise need ~76 GB of host RAM).
         """
         from versa_kernels.gptoss.checkpoint import Checkpoint  # heavy I/O deps stay lazy
 
@@ -276,10 +278,14 @@ class GptOssModel(nn.Module):
         tensors: dict[str, torch.Tensor] = {}
         for name in checkpoint.names():
             if ".mlp.experts." not in name:
-                tensors[name] = checkpoint.get(name)
+                tensors[name] = checkpoint.get(name).to(
+                    device=device, dtype=_dtype_for(name, dtype)
+                )
         for layer in range(config.num_hidden_layers):
-            for key, value in checkpoint.get_expert_weights(layer).items():
-                tensors[f"model.layers.{layer}.mlp.experts.{key}"] = value
+            weights = checkpoint.get_expert_weights(layer, dtype=dtype)
+            for key, value in weights.items():
+                tensors[f"model.layers.{layer}.mlp.experts.{key}"] = value.to(device)
+        checkpoint.close()
         return cls.from_tensors(
             config, tensors, dtype=dtype, device=device, top_k=top_k, experts_keep=experts_keep
         )
@@ -375,13 +381,7 @@ class GptOssModel(nn.Module):
                 raise CheckpointFormatError(
                     f"tensor {name} has shape {tuple(value.shape)}, config implies {tuple(meta.shape)}"
                 )
-            # Norm gains stay fp32 (like transformers' _keep_in_fp32_modules).
-            target = (
-                torch.float32
-                if name.endswith("layernorm.weight") or name == "model.norm.weight"
-                else dtype
-            )
-            converted[name] = value.to(device=device, dtype=target)
+            converted[name] = value.to(device=device, dtype=_dtype_for(name, dtype))
         model.load_state_dict(converted, strict=True, assign=True)
         model.set_top_k(top_k if top_k is not None else config.num_experts_per_tok)
         return model.eval()
@@ -475,3 +475,8 @@ class GptOssModel(nn.Module):
         flat = hidden.reshape(-1, hidden.shape[-1])  # [B*T, D]
         for start in range(0, flat.shape[0], chunk_tokens):
             yield start, self.lm_head(flat[start : start + chunk_tokens])  # [c, V]
+
+
+def _dtype_for(name: str, dtype: torch.dtype) -> torch.dtype:
+    """Norm gains stay fp32 whatever the model dtype (like transformers' _keep_in_fp32_modules)."""
+    return torch.float32 if name.endswith("norm.weight") else dtype
