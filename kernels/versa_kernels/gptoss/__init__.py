@@ -16,6 +16,14 @@ _EXPORTS = {
     "expected_tensor_names": "versa_kernels.gptoss.checkpoint",
     "decode_mxfp4": "versa_kernels.gptoss.mxfp4",
     "encode_mxfp4": "versa_kernels.gptoss.mxfp4",
+    "route_topk": "versa_kernels.gptoss.expert_math",
+    "swiglu": "versa_kernels.gptoss.expert_math",
+    "moe_reference": "versa_kernels.gptoss.expert_math",
+    "moe_grouped": "versa_kernels.gptoss.expert_math",
+    "GptOssModel": "versa_kernels.gptoss.model",
+    "ForwardOutput": "versa_kernels.gptoss.model",
+    "MoeTrace": "versa_kernels.gptoss.model",
+    "save_mxfp4_checkpoint": "versa_kernels.gptoss.export",
 }
 
 __all__ = sorted(_EXPORTS)
