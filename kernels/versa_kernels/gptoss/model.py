@@ -26,6 +26,7 @@ down_bias), so loading is one loop.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,12 +126,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, N, T, d]
-        k = (
-            self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        )  # [B, G, T, d]
-        v = (
-            self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        )  # [B, G, T, d]
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, G, d]
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, G, d]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, G, T, d]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         scale = self.head_dim**-0.5
         if fused:
@@ -364,6 +362,10 @@ class GptOssModel(nn.Module):
                     if name in tensors:
                         tensors[name] = tensors[name].index_select(0, keep_idx)
                 counts[layer] = keep_idx.numel()
+            # The config describes the model as built: sliced counts, max as num_local_experts.
+            config = dataclasses.replace(
+                config, experts_per_layer=tuple(counts), num_local_experts=max(counts)
+            )
         with torch.device("meta"):
             model = cls(config, experts_per_layer=counts)
         expected = dict(model.state_dict())
