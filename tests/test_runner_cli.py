@@ -133,7 +133,7 @@ def test_missing_notebook_is_a_clear_error(tmp_path, monkeypatch, capsys) -> Non
 
 def test_defaults_are_typed_and_flags_snake_cased() -> None:
     params = tasks.parse_task_args(tasks.get_task("validate_expert_math_toy"), [])
-    assert params == {"seeds": [3407], "trials": 20, "device": "auto", "dtype": "float32"}
+    assert params == {"seeds": [3407], "trials": 20, "device": "auto", "dtype": "auto"}
     build = tasks.parse_task_args(
         tasks.get_task("build_pruned_20b_eaftreap_budgeted"),
         ["--keep-frac=0.5", "--eaft-weight-cc", "-1", "--overwrite", "--calib-pack-sample-strategy",

@@ -269,35 +269,27 @@ def test_secret_reaches_the_job_and_nothing_else(tmp_path: Path) -> None:
 VALIDATE_REPORT = "reports/validate_gpt_oss_expert_math_toy.md"
 
 
-def test_validate_task_detached(tmp_path: Path) -> None:
+def test_validate_task_detached_and_no_detach(tmp_path: Path) -> None:
+    """The real task through the CLI both ways, overlapped to halve the wall time."""
+    detached_dir, attached_dir = tmp_path / "detached", tmp_path / "attached"
+    detached_dir.mkdir()
+    attached_dir.mkdir()
     env = runner_env(tmp_path)
-    submitted = cli(
-        ["--task", "validate_expert_math_toy", "--trials", "2", "--device", "cpu"], tmp_path, env
-    )
+    args = ["--task", "validate_expert_math_toy", "--trials", "1", "--device", "cpu"]
+    submitted = cli(args, detached_dir, env)
     assert submitted.returncode == 0, submitted.stderr
-    run_id = only_run_id(tmp_path)
-    waited = cli(["wait", run_id, "--timeout", "240"], tmp_path, env, timeout_s=300)
-    assert waited.returncode == 0, (run_dir(tmp_path, run_id) / "run.log").read_text()[-3000:]
-    assert (tmp_path / VALIDATE_REPORT).exists()
-    assert (
-        tmp_path / "reports" / "notebooks" / f"{run_id}_validate_expert_math_toy.ipynb"
-    ).exists()
-    params = (run_dir(tmp_path, run_id) / "params.yaml").read_text()
-    assert "trials: 2" in params and "device: cpu" in params and f"run_id: {run_id}" in params
-
-
-def test_validate_task_no_detach(tmp_path: Path) -> None:
-    env = runner_env(tmp_path)
-    result = cli(
-        ["--task", "validate_expert_math_toy", "--trials", "2", "--no-detach"],
-        tmp_path,
-        env,
-        timeout_s=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
-    run_id = only_run_id(tmp_path)
-    assert "succeeded" in result.stdout
-    assert (tmp_path / VALIDATE_REPORT).exists()
-    assert (
-        tmp_path / "reports" / "notebooks" / f"{run_id}_validate_expert_math_toy.ipynb"
-    ).exists()
+    detached_id = only_run_id(detached_dir)
+    attached = cli([*args, "--no-detach"], attached_dir, env, timeout_s=300)
+    assert attached.returncode == 0, attached.stdout[-3000:] + attached.stderr
+    assert "succeeded" in attached.stdout
+    waited = cli(["wait", detached_id, "--timeout", "240"], detached_dir, env, timeout_s=300)
+    assert waited.returncode == 0, (run_dir(detached_dir, detached_id) / "run.log").read_text()[
+        -3000:
+    ]
+    for out_dir in (detached_dir, attached_dir):
+        run_id = only_run_id(out_dir)
+        assert "max_abs" in (out_dir / VALIDATE_REPORT).read_text().lower().replace(" ", "_")
+        executed = out_dir / "reports" / "notebooks" / f"{run_id}_validate_expert_math_toy.ipynb"
+        assert executed.exists()
+        params = (run_dir(out_dir, run_id) / "params.yaml").read_text()
+        assert "trials: 1" in params and "device: cpu" in params and f"run_id: {run_id}" in params

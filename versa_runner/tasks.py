@@ -390,9 +390,9 @@ TASKS: dict[str, Task] = {
                 Param(
                     "--dtype",
                     "choice",
-                    "float32",
-                    "compute dtype",
-                    choices=("float32", "bfloat16", "float16"),
+                    "auto",
+                    "compute dtype (auto: float32 on CPU, bfloat16 on CUDA)",
+                    choices=("auto", "float32", "bfloat16", "float16"),
                 ),  # fmt: skip
             ),
             ("reports/validate_gpt_oss_expert_math_toy.md",),
