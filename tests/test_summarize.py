@@ -261,3 +261,18 @@ def test_script_wrapper_exit_codes(tmp_path):
         base + ["--right-json", str(tmp_path / "nope.json")], capture_output=True, text=True
     )
     assert missing.returncode == 2 and "--right-json" in missing.stderr
+
+
+def test_versa_run_summarize_exit_codes(tmp_path):
+    from versa_runner.cli import main as versa_run
+
+    left = _write(tmp_path, "l.json", _run())
+    right = _write(tmp_path, "r.json", _set(_run(), "UNION", "mean_prob", 0.3))
+    other_blocks = _run()
+    other_blocks["packs"][0]["seq"]["1024"]["rows_sha256"] = "x"
+    refused = _write(tmp_path, "x.json", other_blocks)
+    out = str(tmp_path / "cli.md")
+    args = ["summarize", "--left-json", left, "--out-md", out, "--right-json"]
+    assert versa_run(args + [left]) == 0
+    assert versa_run(args + [right]) == 1
+    assert versa_run(args + [refused]) == 2

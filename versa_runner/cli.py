@@ -459,6 +459,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = _with_implicit_submit(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if getattr(args, "verb", None) in ("fixtures", "summarize"):
+        # Delegated verbs get their tail verbatim: argparse.REMAINDER moves a leading --flag
+        # into `extra` (`summarize --left-json A ...` lost --left-json). H5 minimal edit.
+        args.args, extra = argv[argv.index(args.verb) + 1 :], []
     debug = getattr(args, "debug", False)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
     ctx = Context(args)
