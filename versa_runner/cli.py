@@ -95,6 +95,7 @@ def _common_options() -> argparse.ArgumentParser:
     )
     common.add_argument("--url-file", default=s, help="file holding the Jupyter server URL")
     common.add_argument("--token-file", default=s, help="file holding the Jupyter token")
+    common.add_argument("--kernel-id", default=s, help="reuse this Jupyter kernel as launcher")
     common.add_argument("--ssh", default=s, help="SSH target user@host (not implemented yet)")
     return common
 
@@ -210,7 +211,11 @@ class Context:
                 "--ssh: the SSH target is not implemented yet",
                 hint="Run locally or use --url-file.",
             )
-        if any(getattr(a, name, None) for name in ("url", "url_file", "token_file")):
+        jupyter_url = importlib.import_module("versa_runner.backends.jupyter_url")
+        flags = ("url", "url_file", "token_file", "kernel_id")
+        if any(getattr(a, name, None) for name in flags) or any(
+            os.environ.get(name) for name in jupyter_url.URL_ENV_VARS
+        ):  # issue 4: REMOTE_JUPYTER_URL alone selects the Jupyter target (URL out of argv)
             return self._jupyter_backend()
         return LocalBackend(self.output_dir)
 
@@ -229,7 +234,7 @@ class Context:
         a = self.args
         target = jupyter_url.resolve_target(
             url=getattr(a, "url", None), url_file=getattr(a, "url_file", None),
-            token_file=getattr(a, "token_file", None),
+            token_file=getattr(a, "token_file", None), kernel_id=getattr(a, "kernel_id", None),
         )  # fmt: skip
         return backend_class(target, root=root)
 
