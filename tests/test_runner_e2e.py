@@ -200,11 +200,26 @@ def test_detached_job_survives_its_submitter_being_killed(tmp_path: Path) -> Non
             kill_run_processes(tmp_path, run_id)
 
 
-def test_stale_when_the_launcher_dies_without_exit_code(tmp_path: Path) -> None:
+def test_ctrl_c_stops_following_then_stale_when_the_launcher_dies(tmp_path: Path) -> None:
     env = runner_env(tmp_path, VERSA_RUNNER_HEARTBEAT_S="0.5")
-    run_id, pids = _start_sleeper(tmp_path, env, 300)
+    notebook = str(TEST_NOTEBOOKS / "sleep.ipynb")
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "versa_runner.cli", "submit", "--notebook", notebook, "--no-detach"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    run_id = ""
     try:
+        pid_file = tmp_path / "artifacts" / "sleep_pids.txt"
+        wait_for(pid_file.exists, 60, "the sleep notebook to start")
+        run_id = only_run_id(tmp_path)
+        pids = [int(p) for p in pid_file.read_text().split()]
+        follower.send_signal(signal.SIGINT)  # Ctrl-C while following
+        _, err = follower.communicate(timeout=20)
+        assert follower.returncode == 130
+        assert "keeps running" in err and f"versa-run kill {run_id}" in err
+        assert "Traceback" not in err
         status = read_status(tmp_path, run_id)
+        assert status["state"] == "running" and all(pid_alive(pid) for pid in pids)
         assert status["heartbeat_interval_s"] == 0.5
         os.kill(status["pid"], signal.SIGKILL)  # a launcher OOM-killed: no exit_code, no heartbeat
         time.sleep(2.5)
@@ -220,7 +235,10 @@ def test_stale_when_the_launcher_dies_without_exit_code(tmp_path: Path) -> None:
         for pid in survivors:
             wait_for(lambda pid=pid: not pid_alive(pid), 10, f"pid {pid} to end")
     finally:
-        kill_run_processes(tmp_path, run_id)
+        if follower.poll() is None:
+            follower.kill()
+        if run_id:
+            kill_run_processes(tmp_path, run_id)
 
 
 def test_secret_reaches_the_job_and_nothing_else(tmp_path: Path) -> None:

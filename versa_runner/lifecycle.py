@@ -116,13 +116,19 @@ class RunStatus:
     state: RunState
     exit_code: int | None = None
     heartbeat_age_s: float | None = None
+    elapsed_s: float | None = None  # started_at to ended_at, or to now while it runs
     progress: Progress | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"state": self.state.value, "exit_code": self.exit_code,
-                               "heartbeat_age_s": self.heartbeat_age_s, **self.info}  # fmt: skip
-        out["state"] = self.state.value
+        """The status.json fields overlaid with what was derived (state, exit code, ages)."""
+        out: dict[str, Any] = {
+            **self.info,
+            "state": self.state.value,
+            "exit_code": self.exit_code,
+            "heartbeat_age_s": self.heartbeat_age_s,
+            "elapsed_s": self.elapsed_s,
+        }
         if self.progress is not None:
             out["progress"] = self.progress.__dict__
         return out
@@ -260,6 +266,9 @@ def read_status(
     if beat is not None:
         status.heartbeat_age_s = max(0.0, now() - beat.mtime)
     status.progress = read_progress(backend, record)
+    if info.get("started_at"):
+        end = _timestamp(str(info["ended_at"])) if info.get("ended_at") else now()
+        status.elapsed_s = max(0.0, end - _timestamp(str(info["started_at"])))
     if raw_exit is not None:
         status.exit_code = int(raw_exit.decode().strip() or "1")
         recorded = info.get("state")

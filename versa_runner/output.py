@@ -118,6 +118,8 @@ class Output:
         started, ended = status.info.get("started_at"), status.info.get("ended_at")
         if started:
             self._line(f"  started {started}" + (f", ended {ended}" if ended else ""))
+        if status.elapsed_s is not None:
+            self._line(f"  elapsed {status.elapsed_s:.0f} s")
         if status.heartbeat_age_s is not None and not status.state.is_terminal:
             self._line(f"  heartbeat {status.heartbeat_age_s:.0f} s ago")
 
