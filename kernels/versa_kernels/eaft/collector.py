@@ -19,6 +19,7 @@ Easy to get wrong:
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import time
 from collections.abc import Mapping, Sequence
@@ -304,6 +305,12 @@ def collect(
             )  # fmt: skip
             results[name][str(seq_len)] = entry
             m = entry["model"]
+            if m["kept_tokens"] == 0:
+                log.warning(
+                    "pack=%s seq=%d: no completion tokens in %d blocks; its statistics are empty "
+                    "and a pair summary will refuse this row (raise num_blocks)",
+                    name, seq_len, num_blocks,
+                )  # fmt: skip
             log.info(
                 "pack=%s seq=%d: %d kept tokens, PPL %.3f, cc %.4f%%, %.0f tok/s",
                 name, seq_len, m["kept_tokens"], m["ppl"], 100 * m["cc_rate"], m["tok_s_pred"],
@@ -345,6 +352,17 @@ def collect(
     return out
 
 
+def _strict(value: Any) -> Any:
+    """NaN/inf (empty statistics) become null so the file is strict JSON for any reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return value
+
+
 def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
     """Atomic write (temp + rename): a reader never sees half a JSON."""
     import json
@@ -355,7 +373,7 @@ def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh)
+            json.dump(_strict(dict(doc)), fh, allow_nan=False)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
