@@ -42,6 +42,8 @@ class FaultProxy:
         self.max_cuts = max_cuts
         self.direction = direction
         self.cuts = 0
+        self.bytes_forwarded = {"up": 0, "down": 0}
+        """Bytes passed on in each direction (HTTP framing included), for re-transfer accounting."""
         self._deadline = time.monotonic() + lifetime_s
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -121,6 +123,7 @@ class _Pair:
                     if room <= len(data):
                         self.armed = False  # cut budget spent: forward the rest untouched
                 dst.sendall(data)
+                self.proxy.bytes_forwarded[name] += len(data)
         except OSError:
             pass
         finally:

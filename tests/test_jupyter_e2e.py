@@ -231,7 +231,9 @@ def test_failures_are_named_failing_cell_auth_lost_unreachable(
     assert json.loads(gone.stdout)["state"] == "unreachable", gone.stdout + gone.stderr
 
     shutil.rmtree(remote_run_dir(server, run_id))  # the session restarted: /kaggle/working wiped
-    lost = cli(["status", run_id, "--json", *connect], out, env)
+    # the URL and token from the environment alone, no flags at all
+    url_env = {**env, "REMOTE_JUPYTER_URL": server.url, "REMOTE_JUPYTER_TOKEN": str(server.token)}
+    lost = cli(["status", run_id, "--json"], out, url_env)
     assert json.loads(lost.stdout)["state"] == "lost", lost.stdout + lost.stderr
 
 

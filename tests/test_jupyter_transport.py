@@ -139,6 +139,19 @@ def test_run_python_uses_one_kernel_and_close_deletes_it(any_server: JupyterServ
         backend.stat("x")
 
 
+def test_pinned_kernel_is_reused_and_never_deleted(token_server: JupyterServer) -> None:
+    with backend_for(token_server) as owner:
+        owner.run_python("x_marker = 41", timeout_s=60)
+        with backend_for(token_server, kernel_id=owner.kernel_id) as guest:
+            assert guest.run_python("print(x_marker + 1)", timeout_s=30).strip() == "42"
+        kernels = {k["id"] for k in owner.http.request("GET", "/api/kernels").json()}
+        assert owner.kernel_id in kernels  # the guest left the kernel it did not create
+        gone = backend_for(token_server, kernel_id="00000000-0000-0000-0000-000000000000")
+        with pytest.raises(TargetError, match="404"):
+            gone.run_python("print(1)", timeout_s=10)
+        gone.close()
+
+
 def test_run_python_timeout_interrupts_the_kernel(token_server: JupyterServer) -> None:
     server_log = token_server.root_dir.parent / "server.log"
     with backend_for(token_server) as backend:
