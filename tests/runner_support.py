@@ -19,7 +19,8 @@ TEST_NOTEBOOKS = REPO / "tests" / "notebooks"
 def runner_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """Environment for a CLI subprocess: small disk floor, fast heartbeat, isolated journal."""
     env = dict(os.environ)
-    env.pop("VERSA_RUNNER_HOME", None)
+    for name in ("VERSA_RUNNER_HOME", "REMOTE_JUPYTER_URL", "VERSA_RUN_URL", "KAGGLE_URL"):
+        env.pop(name, None)  # a Jupyter URL in the environment would select the remote target
     env.update(VERSA_RUNNER_MIN_FREE_GB="0.05", VERSA_RUNNER_HEARTBEAT_S="1", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env

@@ -247,293 +247,112 @@ def _check_keepfrac(values: dict[str, Any]) -> None:
 
 
 # ---- the registry -----------------------------------------------------------------------------
+# One row per flag: (flag, kind, default, help, keyword options). Kept as a table on purpose.
 
+# fmt: off
 _MODEL_PATH = Param("--model-path", "str", KAGGLE_20B_PATH, "checkpoint directory on the target")
 _BATCH = Param("--batch-size", "int", 1, "sequences per forward batch", low=1, high=4096)
+_PACKS_REPO = Param("--calib-packs-repo", "str", CALIB_PACKS_REPO, "HF dataset repo of calibration packs")
+_PACK_FILES = Param("--calib-pack-files", "str_csv", CALIB_PACK_FILES, "pack parquet files in the repo")
+_COUNT = {"low": 1, "high": 4096}  # expert counts and multiples
+_TOKENS = {"low": 1, "high": 1_048_576}  # token lengths
 
 
 def _build_params(*, keep_frac: Param, layout_default: str) -> tuple[Param, ...]:
     return (
-        _MODEL_PATH,
-        Param(
-            "--calib-packs-repo", "str", CALIB_PACKS_REPO, "HF dataset repo of calibration packs"
-        ),
-        Param("--calib-pack-files", "str_csv", CALIB_PACK_FILES, "pack parquet files in the repo"),
-        Param(
-            "--calib-pack-sample-strategy",
-            "choice",
-            "per_file",
-            "how rows are drawn from packs",
-            choices=("per_file", "weighted", "concat"),
-        ),  # fmt: skip
-        Param(
-            "--calib-pack-weights-csv",
-            "float_csv",
-            None,
-            "per-file weights (weighted only)",
-            low=0,
-            low_open=True,
-        ),
+        _MODEL_PATH, _PACKS_REPO, _PACK_FILES,
+        Param("--calib-pack-sample-strategy", "choice", "per_file", "how rows are drawn from packs",
+              choices=("per_file", "weighted", "concat")),
+        Param("--calib-pack-weights-csv", "float_csv", None, "per-file weights (weighted only)", low=0, low_open=True),
         Param("--num-rows", "int", 2000, "calibration rows to profile", low=1, high=10_000_000),
         Param("--seed", "int", SEED, "sampling seed", low=0, high=2**32 - 1),
-        Param(
-            "--max-seq-length", "int", 4096, "tokens per calibration row", low=16, high=1_048_576
-        ),
+        Param("--max-seq-length", "int", 4096, "tokens per calibration row", low=16, high=1_048_576),
         _BATCH,
         keep_frac,
-        Param(
-            "--min-keep-per-layer", "int", 16, "fewest experts kept in a layer", low=1, high=4096
-        ),
-        Param("--max-keep-per-layer", "int", 32, "most experts kept in a layer", low=1, high=4096),
-        Param(
-            "--core-pos-top-m",
-            "int",
-            4,
-            "safety core: top experts by positive mass",
-            low=0,
-            high=4096,
-        ),
-        Param(
-            "--core-count-top-m",
-            "int",
-            0,
-            "safety core: top experts by hit count",
-            low=0,
-            high=4096,
-        ),
-        Param(
-            "--keep-n-multiple-of", "int", 4, "round kept counts up to a multiple", low=1, high=4096
-        ),
-        Param(
-            "--layout",
-            "choice",
-            layout_default,
-            "checkpoint layout of the kept experts",
-            choices=("per-layer", "uniform"),
-        ),  # fmt: skip
-        Param(
-            "--score-key",
-            "choice",
-            "eaft_gate_norm_sum",
-            "accumulator experts are ranked by",
-            choices=SCORE_KEYS,
-        ),  # fmt: skip
-        Param(
-            "--eaft-cc-quantile",
-            "float",
-            0.15,
-            "confident-conflict quantile",
-            low=0,
-            high=0.5,
-            low_open=True,
-        ),
+        Param("--min-keep-per-layer", "int", 16, "fewest experts kept in a layer", **_COUNT),
+        Param("--max-keep-per-layer", "int", 32, "most experts kept in a layer", **_COUNT),
+        Param("--core-pos-top-m", "int", 4, "safety core: top experts by positive mass", low=0, high=4096),
+        Param("--core-count-top-m", "int", 0, "safety core: top experts by hit count", low=0, high=4096),
+        Param("--keep-n-multiple-of", "int", 4, "round kept counts up to a multiple", **_COUNT),
+        Param("--layout", "choice", layout_default, "checkpoint layout of the kept experts",
+              choices=("per-layer", "uniform")),
+        Param("--score-key", "choice", "eaft_gate_norm_sum", "accumulator experts are ranked by", choices=SCORE_KEYS),
+        Param("--eaft-cc-quantile", "float", 0.15, "confident-conflict quantile", low=0, high=0.5, low_open=True),
         Param("--eaft-weight-good", "float", 1.0, "token weight of the good class"),
         Param("--eaft-weight-cc", "float", -2.0, "token weight of confident conflicts"),
         Param("--eaft-weight-uncertain", "float", 0.25, "token weight of uncertain tokens"),
         Param("--out-dir", "str", "", "pruned checkpoint directory (default under artifacts/)"),
         Param("--overwrite", "bool", False, "replace an existing --out-dir"),
-        Param(
-            "--max-tokens-per-row",
-            "int",
-            0,
-            "completion tokens scored per row, strided (0 = all, the issue's default)",
-            low=0,
-            high=1_048_576,
-        ),
-        Param(
-            "--baseline-eval-rows",
-            "int",
-            0,
-            "held-out rows for the PPL check vs frequency and random pruning (0 = skip)",
-            low=0,
-            high=1_000_000,
-        ),
+        Param("--max-tokens-per-row", "int", 128, "completion tokens scored per row", **_TOKENS),
     )
 
 
 _BUILD_OUTPUTS = tuple(
     f"artifacts/20b_pruned_models_eaftreap_budgeted/{name}"
-    for name in (
-        "manifest.json",
-        "keep_counts_by_layer.json",
-        "core_experts_by_layer.json",
-        "reap-scores.yaml",
-        "reap-recipe.yaml",
-        "scores.parquet",
-    )  # fmt: skip
+    for name in ("manifest.json", "keep_counts_by_layer.json", "core_experts_by_layer.json",
+                 "reap-scores.yaml", "reap-recipe.yaml", "scores.parquet")
 )
 
-TASKS: dict[str, Task] = {
-    task.name: task
-    for task in (
-        Task(
-            "validate_expert_math_toy",
-            "validate_expert_math_toy",
-            "Check the per-expert MoE loop against transformers' GptOssExperts on a toy config.",
-            (
-                Param(
-                    "--seeds",
-                    "int_csv",
-                    str(SEED),
-                    "random seeds, one pass each",
-                    low=0,
-                    high=2**32 - 1,
-                ),
-                Param("--trials", "int", 20, "random trials per seed", low=1, high=100_000),
-                Param(
-                    "--device",
-                    "choice",
-                    "auto",
-                    "where the math runs",
-                    choices=("auto", "cpu", "cuda"),
-                ),
-                Param(
-                    "--dtype",
-                    "choice",
-                    "auto",
-                    "compute dtype (auto: float32 on CPU, bfloat16 on CUDA)",
-                    choices=("auto", "float32", "bfloat16", "float16"),
-                ),  # fmt: skip
-            ),
-            ("reports/validate_gpt_oss_expert_math_toy.md",),
+_TASK_LIST = (
+    Task(
+        "validate_expert_math_toy", "validate_expert_math_toy",
+        "Check the per-expert MoE loop against transformers' GptOssExperts on a toy config.",
+        (
+            Param("--seeds", "int_csv", str(SEED), "random seeds, one pass each", low=0, high=2**32 - 1),
+            Param("--trials", "int", 20, "random trials per seed", low=1, high=100_000),
+            Param("--device", "choice", "auto", "where the math runs", choices=("auto", "cpu", "cuda")),
+            Param("--dtype", "choice", "auto", "compute dtype (auto: float32 on CPU, bfloat16 on CUDA)",
+                  choices=("auto", "float32", "bfloat16", "float16")),
         ),
-        Task(
-            "build_pruned_20b_eaftreap_budgeted",
-            "build_pruned",
-            "Profile EAFT-REAP scores on calibration packs, allocate a per-layer expert budget "
-            "with a safety core, and rewrite the checkpoint.",
-            _build_params(
-                keep_frac=Param(
-                    "--keep-frac",
-                    "float",
-                    0.75,
-                    "fraction of experts kept overall",
-                    low=0,
-                    high=1,
-                    low_open=True,
-                ),
-                layout_default="per-layer",
-            ),  # fmt: skip
-            _BUILD_OUTPUTS,
-            _check_build_pruned,
+        ("reports/validate_gpt_oss_expert_math_toy.md",),
+    ),
+    Task(
+        "build_pruned_20b_eaftreap_budgeted", "build_pruned",
+        "Profile EAFT-REAP scores on calibration packs, allocate a per-layer expert budget with a "
+        "safety core, and rewrite the checkpoint.",
+        _build_params(keep_frac=Param("--keep-frac", "float", 0.75, "fraction of experts kept overall",
+                                      low=0, high=1, low_open=True), layout_default="per-layer"),
+        _BUILD_OUTPUTS,
+        _check_build_pruned,
+    ),
+    Task(
+        "build_pruned_20b_eaftreap_keepfrac", "build_pruned",
+        "Like the budgeted task with the same kept count in every layer; one variant per keep_frac.",
+        _build_params(keep_frac=Param("--keep-frac", "float_csv", "0.75", "fractions kept, one variant each",
+                                      low=0, high=1, low_open=True), layout_default="uniform"),
+        tuple(out.replace("_budgeted", "_keepfrac") for out in _BUILD_OUTPUTS),
+        _check_keepfrac,
+    ),
+    Task(
+        "eaft_single", "eaft_single",
+        "Collect per-token probability/entropy statistics of one model on fixed blocks.",
+        (
+            Param("--model-id", "str", None, "label of the model (names the JSON)", required=True),
+            Param("--model-path", "str", "", "checkpoint directory (default: resolve --model-id)"),
+            _PACKS_REPO, _PACK_FILES,
+            Param("--seq-lens-csv", "int_csv", "1024,2048", "block lengths in tokens", **_TOKENS),
+            Param("--num-blocks", "int", 256, "blocks per sequence length", low=1, high=1_000_000),
+            _BATCH,
+            Param("--sample-points", "int", 200_000, "(p, H) points kept for plots", low=0, high=100_000_000),
+            Param("--top-k", "int", 4, "experts routed per token", low=1, high=128),
+            Param("--entropy-top-k", "int", 20, "entropy over the top-k renormalized probs", low=2, high=1024),
         ),
-        Task(
-            "build_pruned_20b_eaftreap_keepfrac",
-            "build_pruned",
-            "Like the budgeted task with the same kept count in every layer; one variant per keep_frac.",
-            _build_params(
-                keep_frac=Param(
-                    "--keep-frac",
-                    "float_csv",
-                    "0.75",
-                    "fractions kept, one variant each",
-                    low=0,
-                    high=1,
-                    low_open=True,
-                ),
-                layout_default="uniform",
-            ),  # fmt: skip
-            tuple(o.replace("_budgeted", "_keepfrac") for o in _BUILD_OUTPUTS),
-            _check_keepfrac,
+        ("artifacts/eaft_models/<run_id>/<model_id>.json",),
+    ),
+    Task(
+        "decode_bench", "decode_bench",
+        "Measure decode throughput per batch size (SGLang, vLLM, or the native engine).",
+        (
+            Param("--name", "str", None, "label of this benchmark (names the outputs)", required=True),
+            Param("--model-path", "str", None, "checkpoint directory on the target", required=True),
+            Param("--prompt-len", "int", 256, "prompt length in characters", **_TOKENS),
+            Param("--max-new-tokens", "int", 2048, "tokens generated per request", **_TOKENS),
+            Param("--batch-sizes", "int_csv", "1,2,4,8,16,32", "concurrent requests per pass", **_COUNT),
+            Param("--engine", "choice", "auto", "decode engine", choices=("auto", "sglang", "vllm", "native")),
         ),
-        Task(
-            "eaft_single",
-            "eaft_single",
-            "Collect per-token probability/entropy statistics of one model on fixed blocks.",
-            (
-                Param(
-                    "--model-id", "str", None, "label of the model (names the JSON)", required=True
-                ),
-                Param(
-                    "--model-path", "str", "", "checkpoint directory (default: resolve --model-id)"
-                ),
-                Param(
-                    "--calib-packs-repo",
-                    "str",
-                    CALIB_PACKS_REPO,
-                    "HF dataset repo of calibration packs",
-                ),
-                Param(
-                    "--calib-pack-files",
-                    "str_csv",
-                    CALIB_PACK_FILES,
-                    "pack parquet files in the repo",
-                ),
-                Param(
-                    "--seq-lens-csv",
-                    "int_csv",
-                    "1024,2048",
-                    "block lengths in tokens",
-                    low=1,
-                    high=1_048_576,
-                ),
-                Param(
-                    "--num-blocks", "int", 256, "blocks per sequence length", low=1, high=1_000_000
-                ),
-                _BATCH,
-                Param(
-                    "--sample-points",
-                    "int",
-                    200_000,
-                    "(p, H) points kept for plots",
-                    low=0,
-                    high=100_000_000,
-                ),
-                Param("--top-k", "int", 4, "experts routed per token", low=1, high=128),
-                Param(
-                    "--entropy-top-k",
-                    "int",
-                    20,
-                    "entropy over the top-k renormalized probs",
-                    low=2,
-                    high=1024,
-                ),
-            ),
-            ("artifacts/eaft_models/<run_id>/<model_id>.json",),
-        ),
-        Task(
-            "decode_bench",
-            "decode_bench",
-            "Measure decode throughput per batch size (SGLang, vLLM, or the native engine).",
-            (
-                Param(
-                    "--name",
-                    "str",
-                    None,
-                    "label of this benchmark (names the outputs)",
-                    required=True,
-                ),
-                Param(
-                    "--model-path", "str", None, "checkpoint directory on the target", required=True
-                ),
-                Param(
-                    "--prompt-len", "int", 256, "prompt length in characters", low=1, high=1_048_576
-                ),
-                Param(
-                    "--max-new-tokens",
-                    "int",
-                    2048,
-                    "tokens generated per request",
-                    low=1,
-                    high=1_048_576,
-                ),
-                Param(
-                    "--batch-sizes",
-                    "int_csv",
-                    "1,2,4,8,16,32",
-                    "concurrent requests per pass",
-                    low=1,
-                    high=4096,
-                ),
-                Param(
-                    "--engine",
-                    "choice",
-                    "auto",
-                    "decode engine",
-                    choices=("auto", "sglang", "vllm", "native"),
-                ),  # fmt: skip
-            ),
-            ("artifacts/decode_bench/<name>.json", "reports/decode_bench_<name>.md"),
-        ),
-    )
-}
+        ("artifacts/decode_bench/<name>.json", "reports/decode_bench_<name>.md"),
+    ),
+)
+# fmt: on
+
+TASKS: dict[str, Task] = {task.name: task for task in _TASK_LIST}
