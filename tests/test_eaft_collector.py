@@ -190,3 +190,30 @@ def test_top_k_is_applied_or_rejected(fx):
 def test_bad_parameters_fail_before_work(fx, kw, name):
     with pytest.raises(ParameterError, match=name):
         _collect(fx, "bad", **kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+class TestOnGpu:
+    """The same collection on CUDA: fp32 agrees with CPU; bf16 runs and stays close."""
+
+    def test_cuda_matches_cpu(self, fx):
+        cpu = json.loads(Path(_collect(fx, "gcpu", seq_lens_csv="256")).read_text())
+        g32 = json.loads(
+            Path(
+                _collect(fx, "g32", seq_lens_csv="256", device="cuda", dtype="float32")
+            ).read_text()
+        )
+        gbf = json.loads(
+            Path(
+                _collect(fx, "gbf", seq_lens_csv="256", device="cuda", dtype="bfloat16")
+            ).read_text()
+        )
+        assert g32["meta"]["gpu_name"] and g32["meta"]["device"].startswith("cuda")
+        for pc, p32, pbf in zip(cpu["packs"], g32["packs"], gbf["packs"], strict=True):
+            a, b, c = (p["seq"]["256"]["model"] for p in (pc, p32, pbf))
+            assert pc["seq"]["256"]["rows_sha256"] == p32["seq"]["256"]["rows_sha256"]
+            assert b["kept_tokens"] == a["kept_tokens"] == c["kept_tokens"]
+            diff = abs(b["mean_nll"] - a["mean_nll"])
+            assert diff < 1e-3, f"fp32 cuda vs cpu mean NLL differ by {diff:.2e}"
+            diff_bf = abs(c["mean_nll"] - a["mean_nll"])
+            assert diff_bf < 0.05 * abs(a["mean_nll"]), f"bf16 mean NLL off by {diff_bf:.3f}"

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 ENGINE = "versa_kernels.gptoss"  # the project's own forward (no SGLang on the hot path)
-DEFAULT_CHUNK_TOKENS = 2048  # logits rows per chunk: 2048 x 201088 fp32 = 1.6 GB at most
+DEFAULT_CHUNK_TOKENS = 1024  # logits rows per chunk: 1024 x 201088 fp32 = 0.8 GB per copy
 DEFAULT_OUT_ROOT = "artifacts/eaft_models"
 TEXT_COLUMN = "text"
 
