@@ -180,14 +180,16 @@ def test_runner_killed_then_logs_follow_and_sync_finish_the_run(
         kernels = server_kernels(server)
         assert kernels, "expected the killed runner's launcher kernel to still exist"
         base_session = requests.Session()
-        for kernel_id in kernels:
-            base_session.get(server.url + "/", timeout=10)  # XSRF cookie of a no-token server
-            xsrf = base_session.cookies.get("_xsrf", "")
-            base_session.delete(
-                f"{server.url}/api/kernels/{kernel_id}",
-                headers={"X-XSRFToken": xsrf, "Referer": server.url + "/"},
-                timeout=30,
-            ).raise_for_status()
+        base_session.get(server.url + "/", timeout=10)  # XSRF cookie of a no-token server
+        headers = {
+            "X-XSRFToken": base_session.cookies.get("_xsrf", ""),
+            "Referer": server.url + "/",
+        }
+        for kernel_id in kernels:  # restart it, then delete it: the job must not notice either
+            base_session.post(f"{server.url}/api/kernels/{kernel_id}/restart", headers=headers,
+                              timeout=60).raise_for_status()  # fmt: skip
+            base_session.delete(f"{server.url}/api/kernels/{kernel_id}", headers=headers,
+                                timeout=30).raise_for_status()  # fmt: skip
         assert server_kernels(server) == []
         followed = cli(["logs", run_id, "--follow", *connect], out, env, timeout_s=120)
         assert followed.returncode == 0, followed.stdout + followed.stderr
@@ -251,3 +253,21 @@ def test_code_tree_is_not_uploaded_twice(token_server: JupyterServer, tmp_path: 
     assert state.stat().st_mtime_ns == stamp
     incoming = token_server.root_dir / "versa_code" / "incoming"
     assert not [p for p in incoming.iterdir() if not p.name.startswith(".")]
+
+
+def test_doctor_lists_each_check_and_fails_clearly_on_auth(
+    basepath_server: JupyterServer, token_server: JupyterServer, tmp_path: Path
+) -> None:
+    env = runner_env(tmp_path)
+    good = cli(["doctor", *connect_args(basepath_server, tmp_path)], tmp_path, env)
+    assert good.returncode == 0, good.stdout + good.stderr
+    for check in ("reachable: ok", "auth: ok", "kernel: ok", "python: ok", "papermill: ok",
+                  "gpus: ok", "disk: ok"):  # fmt: skip
+        assert check in good.stdout, good.stdout
+    elsewhere = tmp_path / "bad"
+    elsewhere.mkdir()
+    bad = cli(["doctor", *connect_args(token_server, elsewhere, token="expired")], tmp_path, env)
+    assert bad.returncode == 3 and "auth: FAILED" in bad.stdout, bad.stdout + bad.stderr
+    assert "expired" in bad.stdout
+    printed = good.stdout + good.stderr + bad.stdout + bad.stderr
+    assert not [s for s in (*basepath_server.secrets, *token_server.secrets) if s in printed]

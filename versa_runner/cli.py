@@ -28,6 +28,7 @@ from versa_runner.backends.local import LocalBackend
 from versa_runner.errors import (
     BootstrapError,
     JobFailedError,
+    PreflightError,
     RunStateError,
     UsageError,
     VersaRunError,
@@ -436,10 +437,25 @@ def cmd_list(ctx: Context) -> int:
 
 def cmd_doctor(ctx: Context) -> int:
     with ctx.target_backend() as backend:
+        if backend.name == "jupyter":  # per-check report: reachable, auth, kernel, python, ...
+            return _jupyter_doctor(ctx, backend)
         info = lifecycle.preflight(
             backend, min_free_gb=lifecycle.Settings.from_env(dict(os.environ)).min_free_gb
         )
         ctx.out.mapping(f"target {backend.describe()}: ok", info)
+    return 0
+
+
+def _jupyter_doctor(ctx: Context, backend: Backend) -> int:
+    jupyter = importlib.import_module("versa_runner.backends.jupyter")
+    min_free_gb = lifecycle.Settings.from_env(dict(os.environ)).min_free_gb
+    checks = jupyter.doctor(backend, min_free_gb=min_free_gb)
+    values = {c.name: f"{'ok' if c.ok else 'FAILED'}: {c.detail}" for c in checks}
+    ctx.out.mapping(f"target {backend.describe()}", values)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise PreflightError(f"doctor: {failed[0].name} check failed",
+                             hint="The line above says what was seen; fix it and rerun doctor.")  # fmt: skip
     return 0
 
 
