@@ -166,3 +166,14 @@ def test_registry_matches_design_table() -> None:
     assert {name: task.notebook for name, task in tasks.TASKS.items()} == expected
     with pytest.raises(UsageError, match="known tasks"):
         tasks.get_task("summarize_eaft_pair_typo")
+
+
+def test_preflight_refuses_before_staging(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VERSA_RUNNER_MIN_FREE_GB", "1e12")  # more than any disk has
+    for name in ("REMOTE_JUPYTER_URL", "VERSA_RUN_URL", "KAGGLE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    code, first_line = _error_of(["--task", "validate_expert_math_toy"], capsys)
+    assert code == 3
+    assert first_line.startswith("error: only ") and "GB free" in first_line
+    assert not (tmp_path / "versa_runs").exists() and not (tmp_path / ".versa_runner").exists()

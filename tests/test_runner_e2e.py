@@ -26,6 +26,9 @@ from runner_support import (
     wait_for,
 )
 
+from versa_runner import lifecycle
+from versa_runner.backends.local import LocalBackend
+
 pytestmark = pytest.mark.slow
 
 
@@ -83,6 +86,10 @@ def test_detached_ok_notebook_then_status_logs_wait_sync(tmp_path: Path) -> None
         assert json.loads(synced.stdout)["transferred"] == []
     notebook = tmp_path / "reports" / "notebooks" / f"{run_id}_ok.ipynb"
     assert "OK_NOTEBOOK_DONE" in notebook.read_text()
+    # launching the same run dir again reports the first launch instead of starting another
+    again = lifecycle.launch(LocalBackend(tmp_path), f"versa_runs/{run_id}")
+    assert again["already_launched"] is True
+    assert "starting papermill" not in (rd / "run.log").read_text().split("state=succeeded")[1]
     listed = cli(["list"], tmp_path, env)
     assert run_id in listed.stdout and "succeeded" in listed.stdout
 

@@ -255,3 +255,35 @@ def test_wait_times_out_with_injected_clock(tmp_path: Path) -> None:
         lifecycle.wait(LocalBackend(tmp_path), record, timeout_s=5, poll_s=2,
                        clock=lambda: float(next(ticks)), sleep=sleeps.append)  # fmt: skip
     assert info.value.exit_code == 124 and sleeps and all(s == 2 for s in sleeps)
+
+
+def test_launcher_bootstrap_failure_and_secret_handling(tmp_path: Path) -> None:
+    """The launcher alone (no papermill reached): secrets loaded then deleted, names-only logging,
+    a failing bootstrap step ends the run as bootstrap_failed with exit code 5."""
+    import subprocess
+    import sys
+
+    from versa_runner import launcher
+
+    run = tmp_path / "versa_runs" / "r1"
+    run.mkdir(parents=True)
+    secret = "bootstrap-secret-123456"
+    (run / "secrets.env").write_bytes(encode_secrets_env({"MY_TOKEN": secret}))
+    step = "import os, sys; print('token length', len(os.environ['MY_TOKEN'])); sys.exit(3)"
+    launch = {
+        "cwd": str(tmp_path),
+        "bootstrap": [{"argv": [sys.executable, "-c", step], "timeout_s": 30}],
+    }
+    (run / "launch.json").write_text(json.dumps(launch))
+    done = subprocess.run([sys.executable, launcher.__file__, str(run)], timeout=60, check=False)
+    assert done.returncode == 5
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "bootstrap_failed" and status["exit_code"] == 5
+    assert (run / "exit_code").read_text().strip() == "5"
+    log = (run / "run.log").read_text()
+    assert "token length 23" in log and "loaded 1 secret(s): MY_TOKEN" in log
+    assert "bootstrap step 1 failed with exit code 3" in log
+    assert secret not in log + (run / "status.json").read_text()
+    assert not (run / "secrets.env").exists()
+    record = _record("r1", tmp_path, run_dir="versa_runs/r1")
+    assert lifecycle.read_status(LocalBackend(tmp_path), record).state is RunState.BOOTSTRAP_FAILED
