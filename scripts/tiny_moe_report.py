@@ -20,6 +20,7 @@ TOKEN_KINDS = ("space", "word", "digits", "punct", "special")
 DOMAINS = ("code", "chat")
 SHUFFLE_SEED = 1234
 EVAL_BATCH = 16
+MIN_LOAD_FRACTION = 0.25  # of the uniform load 1/E, for an expert to be named "most specialized"
 
 
 def token_kind_table(tokenizer: Any) -> torch.Tensor:
@@ -88,7 +89,11 @@ def routing_specialization(
             if not sel.any():
                 continue
             p_e_given_kind = torch.bincount(experts[sel], minlength=E).double() / sel.sum()
-            lift = p_e_given_kind / load.clamp_min(1e-12)
+            # Only experts with at least a quarter of the uniform load: a lift over a near-empty
+            # expert is noise.
+            lift = torch.where(
+                load >= MIN_LOAD_FRACTION / E, p_e_given_kind / load.clamp_min(1e-12), 0
+            )
             e = int(lift.argmax())
             best[name] = {
                 "expert": e,
@@ -171,12 +176,23 @@ def plot_loss(out_dir: Path, train_log: dict[str, Any]) -> Path:
     return path
 
 
+def _median_step_s(train_log: dict[str, Any]) -> float:
+    elapsed = [c["elapsed_s"] for c in train_log["curve"]]
+    steps = sorted(b - a for a, b in zip(elapsed, elapsed[1:], strict=False))
+    return steps[len(steps) // 2] if steps else float("nan")
+
+
 def write_report(out_dir: Path, train_log: dict[str, Any]) -> None:
     """loss_curve.png and TRAINING.md next to the checkpoint."""
     plot_loss(out_dir, train_log)
     spec = train_log["specialization"]
+    untrained = {
+        row["layer"]: row["mi_kind_bits"]
+        for row in train_log["specialization_untrained_init"]["layers"]
+    }
     rows = "\n".join(
-        f"| {row['layer']} | {row['mi_kind_bits']:.3f} | {row['mi_kind_shuffled_bits']:.4f} | {row['mi_domain_bits']:.3f} | "
+        f"| {row['layer']} | {row['mi_kind_bits']:.3f} | {untrained[row['layer']]:.3f} | "
+        f"{row['mi_kind_shuffled_bits']:.4f} | {row['mi_domain_bits']:.3f} | "
         f"{row['load_min']:.3f} / {row['load_max']:.3f} | "
         + ", ".join(
             f"{k}: e{v['expert']} x{v['lift']}"
@@ -205,7 +221,7 @@ Command (CPU, {train_log["threads"]} threads, torch {train_log["torch"]}):
 |---|---|
 | steps x batch x seq | {train_log["steps"]} x {train_log["batch"]} x {train_log["seq_len"]} |
 | training tokens seen | {train_log["steps"] * train_log["batch"] * train_log["seq_len"]:,} |
-| wall time (training) | {train_log["train_wall_s"] / 60:.1f} min |
+| wall time (tokenizing + training) | {train_log["wall_s"] / 60:.1f} min, median {_median_step_s(train_log):.2f} s/step (CPU shared with other jobs) |
 | final train loss (last step) | {train_log["final_train_loss"]:.4f} nats/token |
 | validation loss, fp32 weights | {train_log["val_loss_fp32"]:.4f} |
 | validation loss, MXFP4 checkpoint re-loaded | {train_log["val_loss_mxfp4_reloaded"]:.4f} (diff {gap:+.4f}) |
@@ -220,10 +236,13 @@ files (2/3 code, 1/3 conversations). The loss curve is `loss_curve.png`; every s
 Mutual information between a token's routed expert and its kind
 ({", ".join(spec["token_kinds"])}; kind entropy {spec["kind_entropy_bits"]:.2f} bits), each of
 the 4 routed slots counted, on the validation windows. "Shuffled" is the same with kinds permuted
-across tokens (chance). "Domain" is code vs conversation. Lift = P(expert | kind) / P(expert).
+across tokens (chance); "untrained init" is the same model at its random initialisation, whose
+routing depends on the token too but was never shaped by the data. "Domain" is code vs
+conversation. Lift = P(expert | kind) / P(expert), among experts with at least a quarter of the
+uniform load.
 
-| layer | MI(expert; kind) bits | shuffled | MI(expert; domain) bits | load min / max | most specialized expert per kind (lift) |
-|---|---|---|---|---|---|
+| layer | MI(expert; kind) bits | same, untrained init | shuffled kinds | MI(expert; domain) bits | load min / max | most specialized expert per kind (lift) |
+|---|---|---|---|---|---|---|
 {rows}
 
 Uniform load would be {1 / 16:.4f} per expert.

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
+import json
 import logging
 import math
 import platform
@@ -32,7 +33,9 @@ import sys
 import sysconfig
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from versa_kernels.fixtures.tokenizer import build_small_harmony, harmony_special_ids
@@ -204,45 +207,66 @@ def balance_router_bias(model: GptOssModel, traces: list) -> None:
             layer.mlp.router.bias.add_(BIAS_RATE * torch.sign(target - load))
 
 
-def train(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
-    started = time.monotonic()
+@dataclass
+class Data:
+    """Tokenizer and token streams; `val` holds the fixed validation windows [N, SEQ_LEN + 1]."""
+
+    tokenizer: Any
+    tokenizer_dir: Path
+    specials: dict[str, int]
+    train_code: torch.Tensor
+    train_chat: torch.Tensor
+    val: torch.Tensor
+    n_val_chat: int
+    info: dict[str, Any]
+
+
+def prepare(seed: int, tokenizer_dir: Path | None = None) -> Data:
+    """Build (or reuse) the tokenizer, tokenize the stdlib split, draw the validation windows."""
+    from transformers import AutoTokenizer
+
     root = Path(sysconfig.get_paths()["stdlib"])
     files = stdlib_files()
     val_files = files[::VAL_EVERY]
     train_files = [p for i, p in enumerate(files) if i % VAL_EVERY]
-    file_list_sha = hashlib.sha256(
-        "\n".join(str(p.relative_to(root)) for p in files).encode()
-    ).hexdigest()
-
-    work = Path(tempfile.mkdtemp(prefix="tiny_moe_"))
-    tokenizer_dir = build_small_harmony(work / "tokenizer")
-    from transformers import AutoTokenizer
-
+    if tokenizer_dir is None:
+        tokenizer_dir = build_small_harmony(
+            Path(tempfile.mkdtemp(prefix="tiny_moe_")) / "tokenizer"
+        )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     specials = harmony_special_ids(len(tokenizer))
     eot = specials["<|endoftext|>"]
     train_code, train_chat = token_streams(tokenizer, train_files, root, eot)
     val_code, val_chat = token_streams(tokenizer, val_files, root, eot)
-    log.info(
-        "tokens: train code %d chat %d, val code %d chat %d",
-        train_code.numel(),
-        train_chat.numel(),
-        val_code.numel(),
-        val_chat.numel(),
+    val_gen = torch.Generator().manual_seed(seed + 2)
+    n_val_chat = VAL_WINDOWS // 3
+    val = torch.cat(
+        [
+            windows(val_code, VAL_WINDOWS - n_val_chat, val_gen),
+            windows(val_chat, n_val_chat, val_gen),
+        ]
+    )
+    listing = "\n".join(str(p.relative_to(root)) for p in files)
+    info = {
+        "stdlib_files": len(files),
+        "val_files": len(val_files),
+        "file_list_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+        "tokens": {
+            "train_code": train_code.numel(),
+            "train_chat": train_chat.numel(),
+            "val_code": val_code.numel(),
+            "val_chat": val_chat.numel(),
+        },
+    }
+    log.info("tokens: %s", info["tokens"])
+    return Data(
+        tokenizer, Path(tokenizer_dir), specials, train_code, train_chat, val, n_val_chat, info
     )
 
-    config = GptOssConfig.from_dict(
-        {
-            **MODEL_CONFIG,
-            "vocab_size": len(tokenizer),
-            "eos_token_id": specials["<|return|>"],
-            "pad_token_id": eot,
-        }
-    )
-    model = init_model(config, args.seed)
-    model.fused_attention = True  # ~3x faster on CPU; the checkpoint is evaluated on the reference
-    model.train()
+
+def train_loop(model: GptOssModel, data: Data, *, steps: int, seed: int) -> tuple[list, list]:
+    """AdamW with warmup + cosine; router biases balanced outside the gradient. Returns curves."""
+    started = time.monotonic()
     router_biases = {n for n, _ in model.named_parameters() if n.endswith("router.bias")}
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and n not in router_biases]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 and n not in router_biases]
@@ -256,68 +280,88 @@ def train(args: argparse.Namespace) -> None:
         lr=LR,
         betas=(0.9, 0.95),
     )
-    data_gen = torch.Generator().manual_seed(args.seed + 1)
-    val_gen = torch.Generator().manual_seed(args.seed + 2)
-    n_val_chat = VAL_WINDOWS // 3
-    val = torch.cat(
-        [
-            windows(val_code, VAL_WINDOWS - n_val_chat, val_gen),
-            windows(val_chat, n_val_chat, val_gen),
-        ]
-    )
+    data_gen = torch.Generator().manual_seed(seed + 1)
     n_chat = round(BATCH * CHAT_FRACTION)
-
     curve, val_curve = [], []
-    for step in range(1, args.steps + 1):
+    for step in range(1, steps + 1):
         lr = LR * min(1.0, step / WARMUP)
-        progress = max(0.0, (step - WARMUP) / max(1, args.steps - WARMUP))
+        progress = max(0.0, (step - WARMUP) / max(1, steps - WARMUP))
         lr *= MIN_LR_FRAC + (1 - MIN_LR_FRAC) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = torch.cat(
-            [windows(train_code, BATCH - n_chat, data_gen), windows(train_chat, n_chat, data_gen)]
-        )
+            [
+                windows(data.train_code, BATCH - n_chat, data_gen),
+                windows(data.train_chat, n_chat, data_gen),
+            ]
+        )  # [BATCH, SEQ_LEN + 1]
         loss, out = lm_loss(model, batch, collect_moe=True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
         balance_router_bias(model, out.moe)
+        elapsed = time.monotonic() - started
         curve.append(
-            {
-                "step": step,
-                "loss": round(loss.item(), 5),
-                "lr": lr,
-                "elapsed_s": round(time.monotonic() - started, 1),
-            }
+            {"step": step, "loss": round(loss.item(), 5), "lr": lr, "elapsed_s": round(elapsed, 1)}
         )
-        if step % EVAL_EVERY == 0 or step == args.steps:
-            val_curve.append({"step": step, "val_loss": round(evaluate(model, val), 5)})
+        if step % EVAL_EVERY == 0 or step == steps:
+            val_curve.append({"step": step, "val_loss": round(evaluate(model, data.val), 5)})
             log.info(
                 "step %d loss %.4f val %.4f (%.0fs)",
                 step,
                 loss.item(),
                 val_curve[-1]["val_loss"],
-                time.monotonic() - started,
+                elapsed,
             )
         elif step % 10 == 0:
-            log.info(
-                "step %d loss %.4f (%.1f s/step)",
-                step,
-                loss.item(),
-                (time.monotonic() - started) / step,
-            )
-    train_wall_s = time.monotonic() - started
+            log.info("step %d loss %.4f (%.1f s/step)", step, loss.item(), elapsed / step)
+    return curve, val_curve
 
-    model.eval()
-    fp32_val = evaluate(model, val)
-    out_dir = Path(args.out)
-    save_mxfp4_checkpoint(model, out_dir, side_files_from=tokenizer_dir, overwrite=True)
+
+def analyze(out_dir: Path, data: Data, train_log: dict[str, Any], *, seed: int) -> dict[str, Any]:
+    """Re-load the written MXFP4 checkpoint: its validation loss, routing specialization (and that
+    of the untrained init, for contrast), size; then write train_log.json and TRAINING.md."""
     reloaded = GptOssModel.from_checkpoint(out_dir)
-    mxfp4_val = evaluate(reloaded, val)
-    specialization = routing_specialization(reloaded, tokenizer, val, chat_rows=n_val_chat)
-    size_bytes = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
+    untrained = init_model(reloaded.config, seed)
+    train_log["val_loss_mxfp4_reloaded"] = round(evaluate(reloaded, data.val), 5)
+    train_log["specialization"] = routing_specialization(
+        reloaded, data.tokenizer, data.val, chat_rows=data.n_val_chat
+    )
+    train_log["specialization_untrained_init"] = routing_specialization(
+        untrained.eval(), data.tokenizer, data.val, chat_rows=data.n_val_chat
+    )
+    train_log["checkpoint_bytes"] = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
+    atomic_write_json(out_dir / "train_log.json", train_log)
+    write_report(out_dir, train_log)
+    train_log["checkpoint_bytes"] = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
+    atomic_write_json(out_dir / "train_log.json", train_log)
+    return train_log
 
+
+def train(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    started = time.monotonic()
+    out_dir = Path(args.out)
+    data = prepare(args.seed)
+    specials, eot = data.specials, data.specials["<|endoftext|>"]
+    config = GptOssConfig.from_dict(
+        {
+            **MODEL_CONFIG,
+            "vocab_size": len(data.tokenizer),
+            "eos_token_id": specials["<|return|>"],
+            "pad_token_id": eot,
+        }
+    )
+    model = init_model(config, args.seed)
+    model.fused_attention = True  # ~3x faster on CPU; the checkpoint is evaluated on the reference
+    model.train()
+    curve, val_curve = train_loop(model, data, steps=args.steps, seed=args.seed)
+    train_wall_s = time.monotonic() - started
+    model.eval()
+    model.fused_attention = False
+    fp32_val = evaluate(model, data.val)
+    save_mxfp4_checkpoint(model, out_dir, side_files_from=data.tokenizer_dir, overwrite=True)
     atomic_write_json(
         out_dir / "generation_config.json",
         {
@@ -339,29 +383,32 @@ def train(args: argparse.Namespace) -> None:
         "chat_fraction": CHAT_FRACTION,
         "val_windows": VAL_WINDOWS,
         "lr": LR,
-        "stdlib_files": len(files),
-        "val_files": len(val_files),
-        "file_list_sha256": file_list_sha,
-        "tokens": {
-            "train_code": train_code.numel(),
-            "train_chat": train_chat.numel(),
-            "val_code": val_code.numel(),
-            "val_chat": val_chat.numel(),
-        },
-        "train_wall_s": round(train_wall_s, 1),
+        **data.info,
+        "wall_s": round(train_wall_s, 1),
         "final_train_loss": curve[-1]["loss"],
         "val_loss_fp32": round(fp32_val, 5),
-        "val_loss_mxfp4_reloaded": round(mxfp4_val, 5),
-        "checkpoint_bytes": size_bytes,
-        "specialization": specialization,
         "curve": curve,
         "val_curve": val_curve,
     }
-    atomic_write_json(out_dir / "train_log.json", train_log)
-    write_report(out_dir, train_log)
-    if size_bytes > MAX_CHECKPOINT_BYTES:
-        raise SystemExit(f"checkpoint is {size_bytes} bytes, over the {MAX_CHECKPOINT_BYTES} limit")
-    log.info("done: val fp32 %.4f, mxfp4 %.4f, %d bytes", fp32_val, mxfp4_val, size_bytes)
+    train_log = analyze(out_dir, data, train_log, seed=args.seed)
+    if train_log["checkpoint_bytes"] > MAX_CHECKPOINT_BYTES:
+        raise SystemExit(
+            f"checkpoint is {train_log['checkpoint_bytes']} bytes, over {MAX_CHECKPOINT_BYTES}"
+        )
+    log.info("done: val fp32 %.4f, mxfp4 %.4f", fp32_val, train_log["val_loss_mxfp4_reloaded"])
+
+
+def report_only(args: argparse.Namespace) -> None:
+    """Recompute the analysis of an already trained checkpoint and rewrite TRAINING.md."""
+    torch.set_num_threads(args.threads)
+    out_dir = Path(args.out)
+    train_log = json.loads((out_dir / "train_log.json").read_text(encoding="utf-8"))
+    if "wall_s" not in train_log and "train_wall_s" in train_log:
+        train_log["wall_s"] = train_log.pop("train_wall_s")  # schema 1 before the rename
+    data = prepare(train_log["seed"], tokenizer_dir=out_dir)
+    if data.info["file_list_sha256"] != train_log["file_list_sha256"]:
+        raise SystemExit("the stdlib file list differs from the one the model was trained on")
+    analyze(out_dir, data, train_log, seed=train_log["seed"])
 
 
 def main() -> None:
@@ -370,11 +417,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="re-analyze the checkpoint in --out (no training) and rewrite TRAINING.md",
+    )
     args = parser.parse_args()
     if args.steps < 1 or args.threads < 1:
         parser.error("--steps and --threads must be positive integers")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    train(args)
+    report_only(args) if args.report_only else train(args)
 
 
 if __name__ == "__main__":
