@@ -78,22 +78,15 @@ tasks: """
 RUN_HELP = "run id, unique prefix of one, or `last`; omitted: the newest run in the journal"
 
 
+# fmt: off
 def _common_options() -> argparse.ArgumentParser:
-    """Global options, accepted before or after the verb (defaults are filled in by `main`)."""
+    """Global options, accepted before or after the verb (absent unless given: SUPPRESS)."""
     common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     s = argparse.SUPPRESS
-    common.add_argument(
-        "--output-dir",
-        default=s,
-        help="where artifacts/, reports/ and the journal live (default: .)",
-    )
+    common.add_argument("--output-dir", default=s, help="where artifacts/, reports/ and the journal live (default: .)")
     common.add_argument("--json", action="store_true", default=s, help="machine-readable output")
-    common.add_argument(
-        "--debug", action="store_true", default=s, help="show tracebacks and debug logs"
-    )
-    common.add_argument(
-        "--url", default=s, help="Jupyter server URL (prefer --url-file: argv is visible)"
-    )
+    common.add_argument("--debug", action="store_true", default=s, help="show tracebacks and debug logs")
+    common.add_argument("--url", default=s, help="Jupyter server URL (prefer --url-file: argv is visible)")
     common.add_argument("--url-file", default=s, help="file holding the Jupyter server URL")
     common.add_argument("--token-file", default=s, help="file holding the Jupyter token")
     common.add_argument("--kernel-id", default=s, help="reuse this Jupyter kernel as launcher")
@@ -108,85 +101,54 @@ def build_parser() -> argparse.ArgumentParser:
         prog="versa-run", parents=[common], allow_abbrev=False, formatter_class=fmt,
         description="Run gpt-oss pruning/evaluation notebooks on this machine, a Jupyter server or an SSH host.",
         epilog=EXAMPLES[None],
-    )  # fmt: skip
+    )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
 
     def verb(name: str, text: str, **kw: Any) -> argparse.ArgumentParser:
         return verbs.add_parser(name, help=text, description=text, parents=[common], allow_abbrev=False,
-                                formatter_class=fmt, epilog=EXAMPLES[name], **kw)  # fmt: skip
+                                formatter_class=fmt, epilog=EXAMPLES[name], **kw)
 
     submit = verb("submit", "submit a task (or a notebook) and detach", add_help=False)
-    submit.add_argument(
-        "-h", "--help", action="store_true", help="this help, or a task's flags with --task"
-    )
+    submit.add_argument("-h", "--help", action="store_true", help="this help, or a task's flags with --task")
     submit.add_argument("--task", help="registered task name")
     submit.add_argument("--notebook", help="run this notebook instead of a task")
     submit.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                        help="notebook parameter (with --notebook; VALUE parsed as YAML)")  # fmt: skip
+                        help="notebook parameter (with --notebook; VALUE parsed as YAML)")
     submit.add_argument("--secret", action="append", default=[], metavar="NAME",
-                        help="forward env var NAME to the job as a secret (value never in argv)")  # fmt: skip
-    submit.add_argument(
-        "--env", action="append", default=[], metavar="NAME=VALUE", help="non-secret job env var"
-    )
-    submit.add_argument(
-        "--no-detach",
-        action="store_true",
-        help="stream the log, wait, sync, exit with the job's code",
-    )
+                        help="forward env var NAME to the job as a secret (value never in argv)")
+    submit.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="non-secret job env var")
+    submit.add_argument("--no-detach", action="store_true", help="stream the log, wait, sync, exit with the job's code")
     submit.add_argument("--kernel-name", default="python3", help="Jupyter kernel for papermill")
-    submit.add_argument(
-        "--profile",
-        default="auto",
-        choices=("auto", "none", "kaggle"),
-        help="bootstrap profile of a remote target (auto: kaggle when the root is /kaggle/working)",
-    )
-    submit.add_argument(
-        "--execution-timeout", type=float, default=None, metavar="S", help="per-cell timeout"
-    )
+    submit.add_argument("--profile", default="auto", choices=("auto", "none", "kaggle"),
+                        help="bootstrap profile of a remote target (auto: kaggle when the root is /kaggle/working)")
+    submit.add_argument("--execution-timeout", type=float, default=None, metavar="S", help="per-cell timeout")
     submit.set_defaults(help_text=submit.format_help)
 
     for name, text in (("status", "show a run's state and progress"), ("logs", "show a run's log"),
                        ("wait", "wait until a run ends; exit with its outcome"),
                        ("sync", "bring artifacts/, reports/ and the executed notebook back"),
-                       ("kill", "end a run's whole process group")):  # fmt: skip
+                       ("kill", "end a run's whole process group")):
         sub = verb(name, text)
         sub.add_argument("run", nargs="?", default=None, metavar="RUN", help=RUN_HELP)
         if name == "logs":
             sub.add_argument("--follow", action=argparse.BooleanOptionalAction, default=False,
-                             help="keep printing until the run ends (Ctrl-C stops following, not the job)")  # fmt: skip
-            sub.add_argument(
-                "--tail", type=int, default=None, metavar="N", help="only the last N lines"
-            )
+                             help="keep printing until the run ends (Ctrl-C stops following, not the job)")
+            sub.add_argument("--tail", type=int, default=None, metavar="N", help="only the last N lines")
         if name == "wait":
-            sub.add_argument(
-                "--timeout",
-                type=float,
-                default=None,
-                metavar="S",
-                help="give up after S seconds (exit 124)",
-            )
+            sub.add_argument("--timeout", type=float, default=None, metavar="S", help="give up after S seconds (exit 124)")
         if name == "sync":
-            sub.add_argument(
-                "--only", default="", help="comma list of artifacts,reports,output.ipynb,run.log"
-            )
-            sub.add_argument(
-                "--dest", default=None, help="destination directory (default: --output-dir)"
-            )
+            sub.add_argument("--only", default="", help="comma list of artifacts,reports,output.ipynb,run.log")
+            sub.add_argument("--dest", default=None, help="destination directory (default: --output-dir)")
         if name == "kill":
-            sub.add_argument(
-                "--grace",
-                type=float,
-                default=30.0,
-                metavar="S",
-                help="seconds between SIGTERM and SIGKILL",
-            )
+            sub.add_argument("--grace", type=float, default=30.0, metavar="S", help="seconds between SIGTERM and SIGKILL")
             sub.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     verb("list", "list runs in the journal, newest first")
     verb("doctor", "check the target: python, papermill, disk, GPUs")
     for name, text in (("fixtures", "build test fixtures (versa_kernels.fixtures)"),
-                       ("summarize", "summarize a base/pruned EAFT pair and apply the gates")):  # fmt: skip
+                       ("summarize", "summarize a base/pruned EAFT pair and apply the gates")):
         verb(name, text).add_argument("args", nargs=argparse.REMAINDER, help="passed through")
     return parser
+# fmt: on
 
 
 def _with_implicit_submit(argv: list[str]) -> list[str]:
@@ -417,12 +379,10 @@ def cmd_kill(ctx: Context) -> int:
     if a.grace < 0:
         raise UsageError(f"--grace: expected seconds >= 0, got {a.grace:g}")
     record = ctx.record(a.run)
-    if not a.yes and sys.stdin.isatty():
-        if input(f"kill run {record.run_id} ({record.task})? [y/N] ").strip().lower() not in (
-            "y",
-            "yes",
-        ):
-            return 0
+    prompt = f"kill run {record.run_id} ({record.task})? [y/N] "
+    confirmed = a.yes or not sys.stdin.isatty() or input(prompt).strip().lower() in ("y", "yes")
+    if not confirmed:
+        return 0
     with ctx.backend_for(record) as backend:
         status = lifecycle.kill(backend, record, grace_s=a.grace)
     ctx.remember(record, status)
