@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -143,6 +144,7 @@ def main() -> None:
         )
     finally:
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)  # a 1 GiB payload is not left in /tmp
     text = json.dumps(result, indent=2)
     sys.stdout.write(text + "\n")
     if args.json_out:
