@@ -44,9 +44,8 @@ from versa_kernels.gptoss.attention import (
     sdpa_with_sinks,
     sdpa_with_sinks_fused,
 )
+from versa_kernels.gptoss.config import SLIDING, GptOssConfig
 from versa_kernels.gptoss.expert_math import (
-    SWIGLU_ALPHA,
-    SWIGLU_LIMIT,
     moe_grouped,
     moe_reference,
 )
@@ -55,7 +54,6 @@ EXPERT_TENSORS = ("gate_up", "gate_up_bias", "down", "down_bias")
 """Per-layer expert tensors, dequantized, reference orientation (see Checkpoint.get_expert_weights)."""
 
 ROUTER_TENSORS = ("weight", "bias")
-SLIDING_LAYER = "sliding_attention"
 MAX_LISTED_NAMES = 5
 """How many missing/unexpected tensor names a load error lists."""
 
@@ -99,7 +97,7 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Grouped-query attention with biases, learned sinks and an optional sliding window."""
 
-    def __init__(self, config: Any, layer: int) -> None:
+    def __init__(self, config: GptOssConfig, layer: int) -> None:
         super().__init__()
         D, d = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -112,7 +110,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, self.num_kv_heads * d)
         self.o_proj = nn.Linear(self.num_heads * d, D)
         self.sinks = nn.Parameter(torch.empty(self.num_heads))
-        is_sliding = config.layer_types[layer] == SLIDING_LAYER
+        is_sliding = config.layer_types[layer] == SLIDING
         self.sliding_window = config.sliding_window if is_sliding else None
 
     def forward(
@@ -167,13 +165,13 @@ class Experts(nn.Module):
 
 
 class MoeBlock(nn.Module):
-    def __init__(self, config: Any, num_experts: int) -> None:
+    def __init__(self, config: GptOssConfig, num_experts: int) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.router = Router(num_experts, config.hidden_size)
         self.experts = Experts(num_experts, config.hidden_size, config.intermediate_size)
-        self.alpha = getattr(config, "swiglu_alpha", None) or SWIGLU_ALPHA
-        self.limit = getattr(config, "swiglu_limit", None) or SWIGLU_LIMIT
+        self.alpha = config.swiglu_alpha
+        self.limit = config.swiglu_limit
 
     def forward(
         self, x: torch.Tensor, *, top_k: int, expert_mask: torch.Tensor | None
@@ -213,7 +211,7 @@ class MoeBlock(nn.Module):
 class DecoderLayer(nn.Module):
     """x += Attn(RMSNorm(x)); x += MoE(RMSNorm(x))."""
 
-    def __init__(self, config: Any, layer: int, num_experts: int) -> None:
+    def __init__(self, config: GptOssConfig, layer: int, num_experts: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer)
@@ -224,7 +222,7 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     """Holds the `model.*` tensors (embeddings, layers, final norm) under their HF names."""
 
-    def __init__(self, config: Any, experts_per_layer: Sequence[int]) -> None:
+    def __init__(self, config: GptOssConfig, experts_per_layer: Sequence[int]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
@@ -236,7 +234,9 @@ class Backbone(nn.Module):
 class GptOssModel(nn.Module):
     """gpt-oss causal LM forward; see the module docstring for what it exposes."""
 
-    def __init__(self, config: Any, *, experts_per_layer: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, config: GptOssConfig, *, experts_per_layer: Sequence[int] | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         counts = tuple(experts_per_layer or config.experts_per_layer)
@@ -290,7 +290,7 @@ class GptOssModel(nn.Module):
 
     @classmethod
     def from_hf_state_dict(
-        cls, config: Any, state_dict: Mapping[str, torch.Tensor], **kwargs: Any
+        cls, config: GptOssConfig, state_dict: Mapping[str, torch.Tensor], **kwargs: Any
     ) -> GptOssModel:
         """Build from a transformers `GptOssForCausalLM.state_dict()` (dequantized experts).
 
@@ -317,7 +317,7 @@ class GptOssModel(nn.Module):
     @classmethod
     def from_tensors(
         cls,
-        config: Any,
+        config: GptOssConfig,
         tensors: Mapping[str, torch.Tensor],
         *,
         dtype: torch.dtype = torch.float32,
