@@ -22,7 +22,6 @@ import statistics
 import time
 
 import torch
-
 from versa_kernels.gptoss.expert_math import moe_grouped, moe_reference
 
 
