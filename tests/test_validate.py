@@ -94,7 +94,7 @@ def test_wrong_formula_fails_in_bfloat16_too(tmp_path: Path) -> None:
         report_path=tmp_path / "ok.md",
         cases=SMALL_CASE,
     )
-    assert result.passed and result.scaled <= 2e-2
+    assert result.passed and result.scaled <= 5e-2
     with pytest.raises(ExpertMathMismatch):
         run_validation(seeds=[0], trials=1, device="cpu", dtype="bfloat16", report_path=tmp_path / "bad.md",
                        expert_fn=_moe_without_plus_one, cases=SMALL_CASE)  # fmt: skip

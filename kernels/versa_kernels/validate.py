@@ -17,9 +17,12 @@ Tolerances (`TOLERANCES`): float32 requires max |ours - transformers| <= 1e-5 ab
 are O(1); fp32 accumulation-order noise measured at ~3e-6, gptoss_reference.md §1.9). Half
 precisions are judged on the error relative to the largest output, because both sides round
 every intermediate: bfloat16 keeps 8 significant bits (unit roundoff 2^-8 = 3.9e-3), and a
-different accumulation order (grouped GEMM vs. per-expert loop) can move an intermediate by one
-ulp, which the clamped SwiGLU and the down projection carry into the output; 2e-2 is about five
-bf16 ulps of the largest output. float16 keeps 11 bits, so 5e-3.
+different rounding point or accumulation order (grouped GEMM vs. per-expert loop, bf16
+`index_add_` of gate-weighted outputs) moves intermediates by an ulp, which the down projection
+and the k-way sum carry into the output. Measured on CPU over 5 seeds x 20 trials x 4 cases:
+bfloat16 max 1.9e-2, float16 max 2.1e-3 (3 x 5). The limits, 5e-2 (bf16) and 1e-2 (fp16), leave
+~2.5x and ~5x headroom and stay an order of magnitude below what wrong formulas score (no `+1`
+on up: 0.38; softmax before top-k: 0.63).
 
 The report is written (atomically) before anything raises; a FAIL raises `ExpertMathMismatch`
 so the notebook, and with it the run, fails.
@@ -68,8 +71,8 @@ class Tolerance:
 
 TOLERANCES = {
     torch.float32: Tolerance("abs", 1e-5),
-    torch.bfloat16: Tolerance("scaled", 2e-2),
-    torch.float16: Tolerance("scaled", 5e-3),
+    torch.bfloat16: Tolerance("scaled", 5e-2),
+    torch.float16: Tolerance("scaled", 1e-2),
 }
 
 
