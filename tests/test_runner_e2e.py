@@ -197,6 +197,10 @@ def test_detached_job_survives_its_submitter_being_killed(tmp_path: Path) -> Non
         submitter.send_signal(signal.SIGKILL)  # the launching versa-run process dies mid-follow
         submitter.wait(timeout=10)
         assert read_status(tmp_path, run_id)["state"] == "running"
+        wait_for((run_dir(tmp_path, run_id) / "exit_code").exists, 60, "the job to end")
+        # the launcher itself keeps the executed notebook: no versa-run process was alive
+        kept = tmp_path / "reports" / "notebooks" / f"{run_id}_sleep.ipynb"
+        assert "SLEEP_DONE" in kept.read_text()
         waited = cli(["wait", run_id, "--timeout", "60"], tmp_path, env)
         assert waited.returncode == 0, waited.stdout + waited.stderr
         assert "SLEEP_DONE" in (run_dir(tmp_path, run_id) / "run.log").read_text()

@@ -391,7 +391,12 @@ def cmd_kill(ctx: Context) -> int:
 
 
 def cmd_list(ctx: Context) -> int:
-    ctx.out.run_list(runs.list_records(ctx.output_dir))
+    records = runs.list_records(ctx.output_dir)
+    for record in records:  # local runs are cheap to refresh; remote ones show the last seen state
+        if record.backend == "local" and not record.last_status.get("exit_code") == 0:
+            with LocalBackend(record.root) as backend:
+                ctx.remember(record, lifecycle.read_status(backend, record))
+    ctx.out.run_list(records)
     return 0
 
 

@@ -19,7 +19,8 @@ What it does, in order (each step leaves evidence before anything can fail later
 
 `launch.json` (all keys optional): `cwd`, `pythonpath` (list), `env` (non-secret dict),
 `bootstrap` (list of `{argv, timeout_s}`), `heartbeat_interval_s`, `kill_grace_s`,
-`kernel_name`, `execution_timeout_s`, `job_timeout_s`.
+`kernel_name`, `execution_timeout_s`, `job_timeout_s`, `notebook_copy` (path under cwd where
+the executed notebook is copied when the job ends).
 """
 
 from __future__ import annotations
@@ -167,10 +168,26 @@ class Launcher:
 
     def finish(self, state: str, exit_code: int) -> int:
         """Write `exit_code` first, then the final status (readers key off exit_code's presence)."""
+        self.keep_executed_notebook()
         atomic_write(self._path(EXIT_CODE_FILE), f"{exit_code}\n")
         self.write_status(state=state, exit_code=exit_code, ended_at=utc_now())
         self.say(f"state={state} exit_code={exit_code}")
         return exit_code
+
+    def keep_executed_notebook(self) -> None:
+        """Copy output.ipynb to `notebook_copy` (e.g. reports/notebooks/<run>_<task>.ipynb) under
+        the job cwd, so the executed notebook travels with the job's reports on every target."""
+        relative = self.config.get("notebook_copy")
+        source = self._path("output.ipynb")
+        if not relative or not os.path.exists(source):
+            return
+        target = os.path.join(str(self.config.get("cwd") or os.getcwd()), str(relative))
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(source, encoding="utf-8") as fh:
+                atomic_write(target, fh.read())
+        except OSError as exc:  # evidence first: a failed copy must not lose the exit code
+            self.say(f"could not copy the executed notebook to {relative}: {exc}")
 
     def load_secrets(self) -> dict[str, str]:
         """Read and delete secrets.env; values go to the job env only."""

@@ -140,6 +140,11 @@ def new_run_id(now: dt.datetime | None = None) -> str:
     return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{_random.token_hex(3)}"
 
 
+def executed_notebook_relpath(run_id: str, task: str) -> str:
+    """Where the executed notebook is kept, relative to the job cwd / output dir."""
+    return f"reports/notebooks/{run_id}_{task}.ipynb"
+
+
 def run_dir_of(run_id: str) -> str:
     return f"{RUNS_DIR}/{run_id}"
 
@@ -178,6 +183,7 @@ def stage(
     backend: Backend,
     *,
     run_id: str,
+    task: str,
     notebook_path: Path,
     params: dict[str, Any],
     job_env: JobEnvironment,
@@ -199,6 +205,7 @@ def stage(
         "kernel_name": settings.kernel_name,
         "execution_timeout_s": settings.execution_timeout_s,
         "bootstrap": additions.bootstrap,
+        "notebook_copy": executed_notebook_relpath(run_id, task),
     }
     backend.put_bytes(f"{run_dir}/launch.json", json.dumps(launch_config, indent=2).encode())
     backend.put_bytes(f"{run_dir}/launcher.py", Path(launcher.__file__).read_bytes())
@@ -234,8 +241,8 @@ def submit(
     additions = prepare(info) if prepare is not None else None
     run_id = new_run_id()
     run_dir = stage(
-        backend, run_id=run_id, notebook_path=notebook_path, params=params, job_env=job_env,
-        settings=settings, additions=additions,
+        backend, run_id=run_id, task=task, notebook_path=notebook_path, params=params,
+        job_env=job_env, settings=settings, additions=additions,
     )  # fmt: skip
     record = RunRecord(
         run_id=run_id, task=task, notebook=notebook_path.name, backend=backend.name,

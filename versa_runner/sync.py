@@ -181,7 +181,8 @@ def sync_run(
 
 
 def executed_notebook_path(dest_root: Path, record: RunRecord) -> Path:
-    """`reports/notebooks/<run_id>_<task>.ipynb` under the destination."""
+    """`reports/notebooks/<run_id>_<task>.ipynb` under the destination (the launcher keeps the
+    same copy on the target, so after a sync the two agree and nothing is copied twice)."""
     return dest_root / "reports" / "notebooks" / f"{record.run_id}_{record.task}.ipynb"
 
 
