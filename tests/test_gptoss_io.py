@@ -269,6 +269,32 @@ def test_sharded_writer_caps_shards_and_writes_index(tmp_path) -> None:
                 assert torch.equal(fh.get_tensor(n), tensors[n])
 
 
+def test_sharded_writer_starts_a_shard_when_the_header_reserve_is_full(tmp_path) -> None:
+    """Many small tensors: the in-place header reserve, not the byte cap, splits the shards."""
+    out = tmp_path / "ckpt"
+    tensors = {
+        f"model.layers.{i}.self_attn.some_rather_long_parameter_name.bias": torch.full(
+            (2,), float(i)
+        )
+        for i in range(100)
+    }
+    with ShardedWriter(out, max_shard_bytes=1 << 20) as writer:
+        assert writer.header_reserve == 4096
+        for name, t in tensors.items():
+            writer.add(name, t)
+    index = json.loads((out / INDEX_FILE).read_text())
+    shards = sorted({*index["weight_map"].values()})
+    assert len(shards) == 3 and sorted(p.name for p in out.iterdir()) == sorted(
+        [*shards, INDEX_FILE]
+    )
+    for shard in shards:
+        raw = (out / shard).read_bytes()
+        assert int.from_bytes(raw[:8], "little") == 4096  # header padded to the reserve
+        with safe_open(str(out / shard), framework="pt") as fh:
+            for n in fh.keys():
+                assert torch.equal(fh.get_tensor(n), tensors[n])
+
+
 def test_sharded_writer_failure_leaves_no_output(tmp_path) -> None:
     out = tmp_path / "ckpt"
     with (

@@ -6,9 +6,9 @@ and materializes only that tensor, so peak host memory stays near the largest te
 in benchmarks/bench_checkpoint_memory.py). `get_expert_weights(layer)` decodes a layer's experts to
 the reference orientation (gate_up [E, 2I, H], down [E, H, I]) from MXFP4 or BF16 layouts.
 
-Writing: `ShardedWriter` appends each tensor's bytes to the current shard's data file as it
-arrives (no shard is ever held in memory), then prefixes the safetensors header when the shard
-closes. Everything lands in `<out>.tmp-<hex>` and is renamed to `<out>` only after the index
+Writing: `ShardedWriter` writes each tensor's bytes into the current shard as it arrives, after
+a reserved, space-padded header region that is filled in when the shard closes (no shard is
+ever held in memory, and the data is written once). Everything lands in `<out>.tmp-<hex>` and is renamed to `<out>` only after the index
 (`metadata.total_size`, `weight_map`) is written, so a reader never sees a half-written
 checkpoint and a failure leaves no `<out>`.
 
@@ -45,7 +45,11 @@ SINGLE_FILE = "model.safetensors"
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"  # HF save_pretrained numbering
 HEADER_LENGTH_BYTES = 8  # little-endian u64 before the JSON header (safetensors format)
 HEADER_ALIGN = 8  # the header is space-padded so tensor data starts 8-byte aligned
-COPY_CHUNK_BYTES = 8 << 20
+# Header space reserved at the front of each shard so tensor bytes can be written in place as
+# they arrive (no second pass over the data); JSON allows the trailing spaces that pad it, as
+# safetensors' own writer does for alignment. max_shard_bytes / 1024, within [4 KiB, 1 MiB]:
+# 1 MiB holds ~9000 entries of ~110 bytes, more than any gpt-oss shard has.
+HEADER_RESERVE_MIN, HEADER_RESERVE_MAX, HEADER_RESERVE_FRACTION = 4 << 10, 1 << 20, 1024
 DEFAULT_MAX_SHARD_BYTES = 5 << 30  # the size transformers' save_pretrained uses (5 GB)
 MISSING_PREVIEW = 5  # how many names an error lists
 
@@ -241,9 +245,13 @@ class ShardedWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         self.tmp_dir = self.out_dir.with_name(f"{self.out_dir.name}.tmp-{secrets.token_hex(4)}")
         self.tmp_dir.mkdir(parents=True)
-        self._shards: list[tuple[Path, dict[str, Any]]] = []  # (data file, header) per shard
+        reserve = max_shard_bytes // HEADER_RESERVE_FRACTION
+        reserve = min(max(reserve, HEADER_RESERVE_MIN), HEADER_RESERVE_MAX)
+        self.header_reserve = reserve + (-reserve % HEADER_ALIGN)
+        self._shards: list[tuple[Path, dict[str, Any]]] = []  # (partial file, header) per shard
         self._data: Any = None
         self._offset = 0
+        self._header_used = 0
         self._names: set[str] = set()
         self.total_size = 0
         self._closed = False
@@ -258,15 +266,21 @@ class ShardedWriter:
             raise ValueError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)  # [nbytes]
         nbytes = data.numel()
-        if self._data is None or (self._offset and self._offset + nbytes > self.max_shard_bytes):
+        entry = {"dtype": DTYPE_TO_SAFETENSORS[tensor.dtype], "shape": list(tensor.shape)}
+        if (
+            self._data is None
+            or (self._offset and self._offset + nbytes > self.max_shard_bytes)
+            or self._header_used + _entry_bytes(name, entry, self._offset, nbytes)
+            > self.header_reserve
+        ):
             self._start_shard()
+        self._header_used += _entry_bytes(name, entry, self._offset, nbytes)
+        if self._header_used > self.header_reserve:
+            raise ValueError(
+                f"{name}: header entry does not fit the {self.header_reserve}-byte reserve"
+            )
         self._data.write(data.numpy().data)
-        header = self._shards[-1][1]
-        header[name] = {
-            "dtype": DTYPE_TO_SAFETENSORS[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [self._offset, self._offset + nbytes],
-        }
+        self._shards[-1][1][name] = {**entry, "data_offsets": [self._offset, self._offset + nbytes]}
         self._offset += nbytes
         self.total_size += nbytes
         self._names.add(name)
@@ -294,9 +308,9 @@ class ShardedWriter:
         self._close_data()
         count = len(self._shards)
         weight_map: dict[str, str] = {}
-        for i, (data_file, header) in enumerate(self._shards, start=1):
+        for i, (part_file, header) in enumerate(self._shards, start=1):
             shard_name = SHARD_NAME.format(index=i, count=count)
-            _assemble_shard(self.tmp_dir / shard_name, data_file, header, self.metadata)
+            os.replace(part_file, self.tmp_dir / shard_name)
             weight_map.update({k: shard_name for k in header})
         index = {
             "metadata": {"total_size": self.total_size},
@@ -339,30 +353,39 @@ class ShardedWriter:
 
     def _start_shard(self) -> None:
         self._close_data()
-        data_file = self.tmp_dir / f".shard-{len(self._shards):05d}.data"
-        self._data = open(data_file, "wb")  # noqa: SIM115 - closed in _close_data
-        self._shards.append((data_file, {}))
+        part_file = self.tmp_dir / f".shard-{len(self._shards):05d}.part"
+        self._data = open(part_file, "wb")  # noqa: SIM115 - closed in _close_data
+        self._data.seek(HEADER_LENGTH_BYTES + self.header_reserve)  # tensor data starts here
+        self._shards.append((part_file, {}))
         self._offset = 0
+        self._header_used = len(_header_json({"__metadata__": self.metadata}))
 
     def _close_data(self) -> None:
-        if self._data is not None:
-            self._data.close()
-            self._data = None
+        """Fill in the current shard's header (padded to the reserve) and close it."""
+        if self._data is None:
+            return
+        header = _header_json({"__metadata__": self.metadata, **self._shards[-1][1]})
+        if len(header) > self.header_reserve:  # _entry_bytes is exact, so this is a bug
+            raise RuntimeError(
+                f"shard header {len(header)} B exceeds its {self.header_reserve} B reserve"
+            )
+        self._data.seek(0)
+        self._data.write(struct.pack("<Q", self.header_reserve))
+        self._data.write(header + b" " * (self.header_reserve - len(header)))
+        self._data.flush()
+        os.fsync(self._data.fileno())
+        self._data.close()
+        self._data = None
 
 
-def _assemble_shard(
-    out: Path, data_file: Path, header: dict[str, Any], metadata: dict[str, str]
-) -> None:
-    """Write the safetensors header, then stream the data file after it and delete it."""
-    header_bytes = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % HEADER_ALIGN)
-    with open(out, "wb") as dst, open(data_file, "rb") as src:
-        dst.write(struct.pack("<Q", len(header_bytes)))
-        dst.write(header_bytes)
-        shutil.copyfileobj(src, dst, COPY_CHUNK_BYTES)
-        dst.flush()
-        os.fsync(dst.fileno())
-    data_file.unlink()
+def _header_json(header: dict[str, Any]) -> bytes:
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def _entry_bytes(name: str, entry: dict[str, Any], offset: int, nbytes: int) -> int:
+    """Bytes `name`'s entry adds to the header JSON: `"name":{...}` plus its comma."""
+    full = {**entry, "data_offsets": [offset, offset + nbytes]}
+    return len(_header_json({name: full})) - 1  # minus the braces, plus one comma
 
 
 def read_config_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
