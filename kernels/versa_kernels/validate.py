@@ -19,10 +19,10 @@ precisions are judged on the error relative to the largest output, because both 
 every intermediate: bfloat16 keeps 8 significant bits (unit roundoff 2^-8 = 3.9e-3), and a
 different rounding point or accumulation order (grouped GEMM vs. per-expert loop, bf16
 `index_add_` of gate-weighted outputs) moves intermediates by an ulp, which the down projection
-and the k-way sum carry into the output. Measured on CPU over 5 seeds x 20 trials x 4 cases:
-bfloat16 max 1.9e-2, float16 max 2.1e-3 (3 x 5). The limits, 5e-2 (bf16) and 1e-2 (fp16), leave
-~2.5x and ~5x headroom and stay an order of magnitude below what wrong formulas score (no `+1`
-on up: 0.38; softmax before top-k: 0.63).
+and the k-way sum carry into the output. Measured on CPU over 4 cases: bfloat16 max 1.9e-2
+(5 seeds x 20 trials), float16 max 2.1e-3 (3 seeds x 5 trials). The limits, 5e-2 (bf16) and
+1e-2 (fp16), leave ~2.5x and ~5x headroom and stay an order of magnitude below what wrong
+formulas score (no `+1` on up: 0.38; softmax before top-k: 0.63).
 
 The report is written (atomically) before anything raises; a FAIL raises `ExpertMathMismatch`
 so the notebook, and with it the run, fails.
