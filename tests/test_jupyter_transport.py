@@ -8,10 +8,13 @@ uploads and downloads.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -150,6 +153,27 @@ def test_pinned_kernel_is_reused_and_never_deleted(token_server: JupyterServer) 
         with pytest.raises(TargetError, match="404"):
             gone.run_python("print(1)", timeout_s=10)
         gone.close()
+
+
+def test_websocket_drop_mid_execute_reconnects_and_gets_the_replies(
+    basepath_server: JupyterServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="versa_runner.backends.jupyter_ws")
+    with backend_for(basepath_server) as backend:
+        backend.run_python("print('warm')", timeout_s=60)
+        channel = backend._channel
+        assert channel is not None
+
+        def cut() -> None:  # the proxy hiccup: the socket dies while the snippet runs
+            time.sleep(0.7)
+            channel._ws.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+
+        threading.Thread(target=cut, daemon=True).start()
+        code = "import time\nprint('before', flush=True)\ntime.sleep(2)\nprint('after')"
+        out = backend.run_python(code, timeout_s=60)
+    # Messages sent while no socket was open are replayed to the same session_id on reconnect.
+    assert "reconnecting" in caplog.text
+    assert "after" in out
 
 
 def test_run_python_timeout_interrupts_the_kernel(token_server: JupyterServer) -> None:
