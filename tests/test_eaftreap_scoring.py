@@ -146,6 +146,14 @@ def test_profile_resumes_after_a_crash_with_the_same_result(setup, tmp_path: Pat
     for name in ACC_NAMES:
         assert np.array_equal(getattr(resumed.acc, name), getattr(clean.acc, name)), name
     assert (resumed.p_lo, resumed.h_lo) == (clean.p_lo, clean.h_lo)
+    # A finished state keeps only the sums: re-running the build re-cuts without profiling.
+    seen.clear()
+    again = _profile(model, examples, state_path=state, on_batch=lambda p, d, t: seen.append(p))
+    assert seen == [] and np.array_equal(again.acc.eaft_gate_norm_sum, clean.acc.eaft_gate_norm_sum)
+    assert (
+        "p" in torch.load(state, weights_only=False)
+        and not torch.load(state, weights_only=False)["p"]
+    )
     # A state written for other inputs is ignored, not silently reused.
     other = _profile(model, examples[:2], state_path=state)
     assert other.resumed_from_batch == 0 and other.acc.count.sum() < clean.acc.count.sum()

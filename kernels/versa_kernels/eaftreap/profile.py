@@ -66,8 +66,6 @@ class ProfileResult:
     """Accumulators plus the token statistics of the run (goes into meta and reports)."""
 
     acc: ExpertAccumulators
-    p: np.ndarray
-    h: np.ndarray
     p_lo: float
     h_lo: float
     h_hi: float
@@ -77,7 +75,7 @@ class ProfileResult:
     resumed_from_batch: int
 
     def meta(self) -> dict[str, Any]:
-        """JSON-ready summary (no per-token arrays)."""
+        """JSON-ready summary."""
         return {
             "p_lo": self.p_lo,
             "h_lo": self.h_lo,
@@ -167,6 +165,97 @@ def model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
+class _Saver:
+    """Writes the state when due: every ``every_s`` seconds or ``every_batches`` batches."""
+
+    def __init__(self, path: Path | None, every_batches: int, every_s: float) -> None:
+        self.path, self.every_batches, self.every_s = path, every_batches, every_s
+        self.last_t, self.last_batch = time.monotonic(), -1
+
+    def maybe(self, state: dict[str, Any], total: int, *, force: bool = False) -> None:
+        by_count = self.every_batches > 0 and state["done"] - self.last_batch >= self.every_batches
+        by_time = time.monotonic() - self.last_t >= self.every_s
+        if force or state["done"] == total or by_count or by_time:
+            _save_state(self.path, state)
+            self.last_t, self.last_batch = time.monotonic(), state["done"]
+
+
+class _Progress:
+    """Log lines with rate and ETA (the target has no progress bar, only the run log)."""
+
+    def __init__(self, pass_no: int, total: int, done: int) -> None:
+        self.pass_no, self.total, self.start_done = pass_no, total, done
+        self.t0, self.tokens = time.monotonic(), 0
+        self.every = max(1, total // 20)
+
+    def step(self, done: int, tokens: int) -> None:
+        self.tokens += tokens
+        if done % self.every and done != self.total:
+            return
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        rate = (done - self.start_done) / elapsed
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        log.info(
+            "profile pass %d/2: batch %d/%d, %.0f tok/s, ETA %.0f s",
+            self.pass_no, done, self.total, self.tokens / elapsed, eta,
+        )  # fmt: skip
+
+
+def _signals_pass(model: Any, batches: list, state: dict, ctx: dict) -> None:
+    """Pass 1: p and H of every scored prediction, from chunked LM-head logits."""
+    from versa_kernels.signals import token_signals
+
+    device, progress = ctx["device"], _Progress(1, len(batches), state["done"])
+    for i in range(state["done"], len(batches)):
+        ids, flat = pad_batch(batches[i], ctx["pad_id"])
+        out = model(ids.to(device))
+        hidden = out.hidden.reshape(-1, out.hidden.shape[-1])[flat.to(device)]  # [N, D]
+        targets = _targets(ids, flat).to(device)
+        p_parts, h_parts = [torch.zeros(0)], [torch.zeros(0)]
+        for s in range(0, len(flat), LOGIT_CHUNK_TOKENS):
+            logits = model.logits(hidden[s : s + LOGIT_CHUNK_TOKENS]).float()  # [n, V]
+            p, h, _ = token_signals(
+                logits, targets[s : s + LOGIT_CHUNK_TOKENS], entropy_top_k=ctx["entropy_top_k"]
+            )
+            p_parts.append(p.float().cpu())
+            h_parts.append(h.float().cpu())
+        state["p"].append(torch.cat(p_parts).numpy())
+        state["h"].append(torch.cat(h_parts).numpy())
+        state["done"] = i + 1
+        ctx["saver"].maybe(state, len(batches))
+        progress.step(state["done"], int(ids.numel()))
+        if ctx["on_batch"] is not None:
+            ctx["on_batch"](1, state["done"], len(batches))
+
+
+def _accumulate_pass(model: Any, batches: list, state: dict, ctx: dict, thr: Any) -> None:
+    """Pass 2: EAFT-weighted REAP sums from the forward's MoE traces (label at position t)."""
+    weights, device = ctx["weights"], ctx["device"]
+    acc = ExpertAccumulators.from_state(state["acc"])
+    progress = _Progress(2, len(batches), state["done"])
+    for i in range(state["done"], len(batches)):
+        ids, flat = pad_batch(batches[i], ctx["pad_id"])
+        _, w = weights.token_weights(
+            torch.from_numpy(state["p"][i]), torch.from_numpy(state["h"][i]), thr
+        )  # w: [N] weight of the prediction made at each scored position
+        out = model(ids.to(device), collect_moe=True)
+        fdev = flat.to(device)
+        for trace in out.moe:
+            acc.add(
+                trace.layer,
+                trace.indices[fdev],  # [N, K]
+                trace.gates[fdev],  # [N, K]
+                trace.expert_out_norm[fdev],  # [N, K]
+                w,
+            )
+        state["done"] = i + 1
+        state["acc"] = acc.state()
+        ctx["saver"].maybe(state, len(batches))
+        progress.step(state["done"], int(ids.numel()))
+        if ctx["on_batch"] is not None:
+            ctx["on_batch"](2, state["done"], len(batches))
+
+
 def profile_experts(
     model: Any,
     examples: Sequence[CalibExample],
@@ -185,20 +274,17 @@ def profile_experts(
 ) -> ProfileResult:
     """Run both passes and return the accumulators (module docstring).
 
-    ``on_batch(pass_no, batches_done, total_batches)`` is called after each batch (progress).
+    ``on_batch(pass_no, batches_done, total_batches)`` is called after each batch. When both
+    passes are done the per-token arrays are dropped from the saved state (they are only needed
+    to resume pass 2), so a finished state stays small and re-running the build only re-cuts.
     """
-    from versa_kernels.signals import exact_quantile, token_signals
+    from versa_kernels.signals import exact_quantile
 
     weights = weights or EaftWeights()
     batches = _batches(examples, batch_size)
     path = Path(state_path) if state_path is not None else None
-    fp = fingerprint(
-        examples,
-        batch_size=batch_size,
-        weights=weights,
-        top_k=entropy_top_k,
-        extra=fingerprint_extra or {},
-    )
+    settings = {"batch_size": batch_size, "weights": weights, "top_k": entropy_top_k}
+    fp = fingerprint(examples, **settings, extra=fingerprint_extra or {})
     state = _load_state(path, fp) or {
         "schema_version": STATE_SCHEMA_VERSION,
         "fingerprint": fp,
@@ -211,91 +297,44 @@ def profile_experts(
     resumed_from = (state["pass"] - 1) * len(batches) + state["done"]
     if resumed_from:
         log.info("resuming profile at pass %d batch %d", state["pass"], state["done"])
-    device = model_device(model)
-    started, tokens_seen = time.monotonic(), 0
-    last_save = {"t": time.monotonic(), "batch": state["done"]}
-
-    def save_due() -> bool:
-        if state["done"] == len(batches):
-            return True
-        by_count = (
-            save_every_batches > 0 and state["done"] - last_save["batch"] >= save_every_batches
-        )
-        return by_count or time.monotonic() - last_save["t"] >= save_every_s
-
-    def save() -> None:
-        _save_state(path, state)
-        last_save.update(t=time.monotonic(), batch=state["done"])
-
+    ctx = {
+        "device": model_device(model),
+        "pad_id": pad_id,
+        "weights": weights,
+        "entropy_top_k": entropy_top_k,
+        "on_batch": on_batch,
+        "saver": _Saver(path, save_every_batches, save_every_s),
+    }
+    started = time.monotonic()
+    tokens = sum(len(ex.input_ids) for ex in examples)
     with torch.inference_mode():
         if state["pass"] == 1:
-            for i in range(state["done"], len(batches)):
-                ids, flat = pad_batch(batches[i], pad_id)
-                out = model(ids.to(device))
-                hidden = out.hidden.reshape(-1, out.hidden.shape[-1])[flat.to(device)]  # [N, D]
-                targets = _targets(ids, flat).to(device)
-                p_parts, h_parts = [], []
-                for s in range(0, len(flat), LOGIT_CHUNK_TOKENS):
-                    logits = model.logits(hidden[s : s + LOGIT_CHUNK_TOKENS]).float()  # [n, V]
-                    p, h, _ = token_signals(
-                        logits, targets[s : s + LOGIT_CHUNK_TOKENS], entropy_top_k=entropy_top_k
-                    )
-                    p_parts.append(p.float().cpu())
-                    h_parts.append(h.float().cpu())
-                empty = torch.zeros(0)
-                state["p"].append(torch.cat(p_parts).numpy() if p_parts else empty.numpy())
-                state["h"].append(torch.cat(h_parts).numpy() if h_parts else empty.numpy())
-                state["done"] = i + 1
-                tokens_seen += int(ids.numel())
-                if save_due():
-                    save()
-                if on_batch is not None:
-                    on_batch(1, state["done"], len(batches))
+            _signals_pass(model, batches, state, ctx)
             state.update({"pass": 2, "done": 0})
-            save()
-
-        p_all = torch.from_numpy(np.concatenate(state["p"]))  # [N_total] float32
-        h_all = torch.from_numpy(np.concatenate(state["h"]))  # [N_total] float32
-        if p_all.numel() == 0:
-            raise ValueError("no completion tokens to score in the calibration rows")
-        thr = weights.thresholds(p_all, h_all)
-        h_hi = exact_quantile(h_all, 1.0 - weights.cc_quantile)  # reported only (spec §2.3)
-        acc = ExpertAccumulators.from_state(state["acc"])
-        for i in range(state["done"], len(batches)):
-            ids, flat = pad_batch(batches[i], pad_id)
-            _, w = weights.token_weights(
-                torch.from_numpy(state["p"][i]), torch.from_numpy(state["h"][i]), thr
-            )  # w: [N] weight of each scored position's prediction
-            out = model(ids.to(device), collect_moe=True)
-            fdev = flat.to(device)
-            for trace in out.moe:
-                acc.add(
-                    trace.layer,
-                    trace.indices[fdev],  # [N, K]
-                    trace.gates[fdev],  # [N, K]
-                    trace.expert_out_norm[fdev],  # [N, K]
-                    w,
-                )
-            state["done"] = i + 1
-            state["acc"] = acc.state()
-            tokens_seen += int(ids.numel())
-            if save_due():
-                save()
-            if on_batch is not None:
-                on_batch(2, state["done"], len(batches))
-
-    labels, _ = weights.token_weights(p_all, h_all, thr)
-    counts = torch.bincount(labels.long(), minlength=len(CLASS_NAMES)).tolist()
+            ctx["saver"].maybe(state, len(batches), force=True)
+        if state["pass"] == 2:
+            p_all = torch.from_numpy(np.concatenate([np.zeros(0, np.float32), *state["p"]]))
+            h_all = torch.from_numpy(np.concatenate([np.zeros(0, np.float32), *state["h"]]))
+            if p_all.numel() == 0:
+                raise ValueError("no completion tokens to score in the calibration rows")
+            thr = weights.thresholds(p_all, h_all)  # the run's global thresholds
+            _accumulate_pass(model, batches, state, ctx, thr)
+            labels, _ = weights.token_weights(p_all, h_all, thr)
+            counts = torch.bincount(labels.long(), minlength=len(CLASS_NAMES)).tolist()
+            state["summary"] = {
+                "p_lo": thr.p_thr,
+                "h_lo": thr.h_thr,
+                "h_hi": exact_quantile(h_all, 1.0 - weights.cc_quantile),  # reported only
+                "region_counts": {name: int(counts[c]) for c, name in CLASS_NAMES.items()},
+                "scored_tokens": int(p_all.numel()),
+            }
+            state.update({"pass": 3, "p": [], "h": []})
+            ctx["saver"].maybe(state, len(batches), force=True)
     elapsed = max(time.monotonic() - started, 1e-9)
+    done_now = 2 * len(batches) - min(resumed_from, 2 * len(batches))
     return ProfileResult(
-        acc=acc,
-        p=p_all.numpy(),
-        h=h_all.numpy(),
-        p_lo=thr.p_thr,
-        h_lo=thr.h_thr,
-        h_hi=h_hi,
-        region_counts={name: int(counts[c]) for c, name in CLASS_NAMES.items()},
-        scored_tokens=int(p_all.numel()),
-        tokens_per_s=tokens_seen / elapsed,
+        acc=ExpertAccumulators.from_state(state["acc"]),
+        tokens_per_s=tokens * done_now / max(len(batches), 1) / elapsed,
         resumed_from_batch=resumed_from,
+        **state["summary"],
     )
