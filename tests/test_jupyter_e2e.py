@@ -259,8 +259,9 @@ def test_doctor_lists_each_check_and_fails_clearly_on_auth(
     basepath_server: JupyterServer, token_server: JupyterServer, tmp_path: Path
 ) -> None:
     env = runner_env(tmp_path)
-    good = cli(["doctor", *connect_args(basepath_server, tmp_path)], tmp_path, env)
+    good = cli(["doctor", "--debug", *connect_args(basepath_server, tmp_path)], tmp_path, env)
     assert good.returncode == 0, good.stdout + good.stderr
+    assert '"GET /…/api/status HTTP/1.1" 200' in good.stderr  # debug logs, path scrubbed
     for check in ("reachable: ok", "auth: ok", "kernel: ok", "python: ok", "papermill: ok",
                   "gpus: ok", "disk: ok"):  # fmt: skip
         assert check in good.stdout, good.stdout

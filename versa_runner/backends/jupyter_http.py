@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 
@@ -71,11 +71,16 @@ class JupyterHttp:
             self.session.headers["Authorization"] = f"token {target.token}"
         self._xsrf_primed = bool(target.token)
         self._made_dirs: set[str] = set()
+        # urllib3 logs every request line at DEBUG (`--debug`), and a Kaggle URL's path is the
+        # credential: scrub it from those records while this client lives.
+        self._log_filter = _RedactPath(urlsplit(target.base_url).path)
+        logging.getLogger("urllib3.connectionpool").addFilter(self._log_filter)
         self.closed = False
 
     def close(self) -> None:
         """Close pooled connections; later calls raise RuntimeError."""
         self.session.close()
+        logging.getLogger("urllib3.connectionpool").removeFilter(self._log_filter)
         self.closed = True
 
     def request(
@@ -306,6 +311,19 @@ class JupyterHttp:
 
 
 _WS_HEADERS = ("Authorization", "X-XSRFToken")
+
+
+class _RedactPath(logging.Filter):
+    """Replaces the server's base path (the credential, on Kaggle) in log records."""
+
+    def __init__(self, base_path: str) -> None:
+        super().__init__()
+        self.base_path = base_path.rstrip("/")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.base_path and self.base_path in record.getMessage():
+            record.msg, record.args = record.getMessage().replace(self.base_path, "/…"), None
+        return True
 
 
 def contents_path(path: str) -> str:
