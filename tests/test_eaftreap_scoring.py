@@ -170,3 +170,23 @@ def test_max_tokens_per_row_strides_the_scored_positions(setup) -> None:
 
     ids, mask = completion_mask(texts[0], tok, max_length=MAX_SEQ)
     assert full.tolist() == [t for t in range(len(ids) - 1) if mask[t + 1]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+class TestOnGpu:
+    """The same profile on CUDA: fp32 must match the CPU sums; bf16 must keep the ranking."""
+
+    def test_cuda_profile_matches_cpu(self, setup) -> None:
+        from versa_kernels.gptoss.model import GptOssModel
+
+        ckpt, model, examples, _, _ = setup
+        cpu = _profile(model, examples).acc
+        for dtype, rtol in ((torch.float32, 1e-3), (torch.bfloat16, 5e-2)):
+            gpu_model = GptOssModel.from_checkpoint(ckpt, dtype=dtype, device="cuda")
+            gpu = _profile(gpu_model, examples).acc
+            assert np.array_equal(gpu.count, cpu.count) or dtype == torch.bfloat16
+            diff = np.abs(gpu.gate_norm_sum - cpu.gate_norm_sum).max()
+            scale = np.abs(cpu.gate_norm_sum).max()
+            assert diff <= rtol * scale, (
+                f"{dtype}: max diff {diff:.3g}, mean {np.abs(gpu.gate_norm_sum - cpu.gate_norm_sum).mean():.3g}"
+            )
