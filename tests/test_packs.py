@@ -139,3 +139,22 @@ def test_hub_fetch_honours_offline_mode_and_the_local_cache(
     (repo / "refs" / "main").write_text(commit)
     (path,) = fetch_pack_files("someone/packs", ["p.parquet"], cache_dir=cache)
     assert load_packs([path], num_rows=1, seed=0).rows[0].text == _row(0, "c")
+
+
+def test_completion_mask_with_the_real_o200k_harmony_tokenizer(tmp_path: Path) -> None:
+    """The 20b's own tokenizer (built offline from bpe-openai): same kept text, real special ids."""
+    from transformers import AutoTokenizer
+    from versa_kernels.fixtures import build_o200k_harmony
+
+    tok = AutoTokenizer.from_pretrained(build_o200k_harmony(tmp_path))
+    ids, mask = completion_mask(CONVERSATION, tok)
+    assert tok.decode(ids[mask].tolist()) == 'Two plus three.{"a": 2, "b": 3}It is 5.'
+    specials = {
+        200006,
+        200007,
+        200008,
+        200005,
+        200002,
+        200012,
+    }  # start end message channel return call
+    assert specials <= set(ids.tolist()) and not (set(ids[mask].tolist()) & specials)
