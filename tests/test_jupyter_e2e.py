@@ -228,9 +228,12 @@ def test_failures_are_named_failing_cell_auth_lost_unreachable(
     assert "Traceback" not in expired.stderr
 
     dead_url = tmp_path / "dead_url"
-    dead_url.write_text(f"http://127.0.0.1:{free_port()}\n")
-    gone = cli(["status", run_id, "--json", "--url-file", str(dead_url)], out, env, timeout_s=120)
+    dead_cred = "deadcred" + os.urandom(6).hex()
+    dead_url.write_text(f"http://127.0.0.1:{free_port()}/k/9/{dead_cred}/proxy\n")
+    gone_args = ["status", run_id, "--json", "--debug", "--url-file", str(dead_url)]
+    gone = cli(gone_args, out, env, timeout_s=120)
     assert json.loads(gone.stdout)["state"] == "unreachable", gone.stdout + gone.stderr
+    assert dead_cred not in gone.stdout + gone.stderr  # not even in --debug logs
 
     shutil.rmtree(remote_run_dir(server, run_id))  # the session restarted: /kaggle/working wiped
     # the URL and token from the environment alone, no flags at all

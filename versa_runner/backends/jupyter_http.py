@@ -128,7 +128,12 @@ class JupyterHttp:
 
     @contextmanager
     def _translate(self, what: str) -> Iterator[None]:
-        """The one place requests' exceptions become versa_runner errors (URL redacted)."""
+        """The one place requests' exceptions become versa_runner errors (URL redacted).
+
+        requests' messages quote the request URL, whose path is the credential on Kaggle, so
+        the original is not chained (`from None`; `--debug` would print it); its text is kept
+        as context with the base path scrubbed.
+        """
         try:
             yield
         except (
@@ -138,11 +143,11 @@ class JupyterHttp:
         ) as exc:
             raise UnreachableError(
                 f"{what} on {self.target.redacted_url} failed: {type(exc).__name__}"
-            ) from exc
+            ).add_context(self._log_filter.scrub(str(exc))) from None
         except requests.RequestException as exc:
             raise TargetError(
                 f"{what} on {self.target.redacted_url}: {type(exc).__name__}"
-            ) from exc
+            ).add_context(self._log_filter.scrub(str(exc))) from None
 
     def _prime_xsrf(self) -> None:
         """Fetch the `_xsrf` cookie that a no-token server demands on unsafe methods."""
@@ -320,9 +325,13 @@ class _RedactPath(logging.Filter):
         super().__init__()
         self.base_path = base_path.rstrip("/")
 
+    def scrub(self, text: str) -> str:
+        """`text` with the base path replaced by `/…`."""
+        return text.replace(self.base_path, "/…") if self.base_path else text
+
     def filter(self, record: logging.LogRecord) -> bool:
         if self.base_path and self.base_path in record.getMessage():
-            record.msg, record.args = record.getMessage().replace(self.base_path, "/…"), None
+            record.msg, record.args = self.scrub(record.getMessage()), None
         return True
 
 

@@ -167,14 +167,16 @@ class KernelChannel:
                     url, header=self._headers, cookie=self._cookie, timeout=CONNECT_TIMEOUT_S
                 )
             except websocket.WebSocketBadStatusException as exc:
+                # Not chained: the exception carries the server's error page, which quotes the
+                # base path (the credential on Kaggle), and `--debug` prints chains.
                 status = getattr(exc, "status_code", 0)
                 if status in (401, 403):
                     raise AuthError(
                         f"kernel websocket on {self._redacted_url} answered {status}"
-                    ) from exc
+                    ) from None
                 raise UnreachableError(
                     f"kernel websocket on {self._redacted_url} answered {status}"
-                ) from exc
+                ) from None
         return self._ws
 
     def _drop(self) -> None:
