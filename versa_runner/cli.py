@@ -12,6 +12,7 @@ import argparse
 import importlib
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import traceback
@@ -164,7 +165,20 @@ class Context:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.output_dir = Path(getattr(args, "output_dir", None) or ".").resolve()
-        self.out = Output(json_mode=getattr(args, "json", False))
+        self.out = Output(
+            json_mode=getattr(args, "json", False), command_options=self._repeat_options()
+        )
+
+    def _repeat_options(self) -> str:
+        """Global options a follow-up command needs again. Only file paths: a URL given with
+        --url is never echoed."""
+        parts: list[str] = []
+        if self.output_dir != Path.cwd().resolve():
+            parts += ["--output-dir", shlex.quote(str(self.output_dir))]
+        for flag in ("url_file", "token_file"):
+            if getattr(self.args, flag, None):
+                parts += ["--" + flag.replace("_", "-"), shlex.quote(str(getattr(self.args, flag)))]
+        return " ".join(parts)
 
     def target_backend(self) -> Backend:
         """The target the flags name: local unless --url/--url-file/--ssh."""

@@ -32,6 +32,7 @@ from versa_runner.errors import (
     RunStateError,
     TargetError,
     UnreachableError,
+    UsageError,
     WaitTimeoutError,
 )
 from versa_runner.runs import RunRecord
@@ -81,12 +82,22 @@ class Settings:
     def from_env(cls, environ: dict[str, str], **overrides: Any) -> Settings:
         """Read `VERSA_RUNNER_HEARTBEAT_S` / `VERSA_RUNNER_MIN_FREE_GB` at call time."""
         values: dict[str, Any] = {}
-        if environ.get("VERSA_RUNNER_HEARTBEAT_S"):
-            values["heartbeat_interval_s"] = float(environ["VERSA_RUNNER_HEARTBEAT_S"])
-        if environ.get("VERSA_RUNNER_MIN_FREE_GB"):
-            values["min_free_gb"] = float(environ["VERSA_RUNNER_MIN_FREE_GB"])
+        for name, field_name in (("VERSA_RUNNER_HEARTBEAT_S", "heartbeat_interval_s"),
+                                 ("VERSA_RUNNER_MIN_FREE_GB", "min_free_gb")):  # fmt: skip
+            if environ.get(name):
+                values[field_name] = _positive_float(name, environ[name])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def _positive_float(name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UsageError(f"environment variable {name}: expected a positive number, got {text!r}")
+    return value
 
 
 @dataclass

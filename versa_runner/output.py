@@ -20,13 +20,18 @@ if TYPE_CHECKING:
     from versa_runner.sync import SyncResult
 
 
-def follow_up_commands(run_id: str) -> list[str]:
-    """The exact commands that follow, wait for, sync and kill a run (SkyPilot's habit)."""
+def follow_up_commands(run_id: str, options: str = "") -> list[str]:
+    """The exact commands that follow, wait for, sync and kill a run (SkyPilot's habit).
+
+    `options` are the global options the user needs again (`--output-dir`, `--url-file`); they
+    go after the verb, where every command accepts them.
+    """
+    tail = f" {options}" if options else ""
     return [
-        f"versa-run logs {run_id} --follow",
-        f"versa-run wait {run_id}",
-        f"versa-run sync {run_id}",
-        f"versa-run kill {run_id}",
+        f"versa-run logs {run_id} --follow{tail}",
+        f"versa-run wait {run_id}{tail}",
+        f"versa-run sync {run_id}{tail}",
+        f"versa-run kill {run_id}{tail}",
     ]
 
 
@@ -36,7 +41,9 @@ class Output:
     def __init__(
         self, *, json_mode: bool = False, stream: TextIO | None = None,
         err_stream: TextIO | None = None, redactor: Redactor | None = None,
+        command_options: str = "",
     ) -> None:  # fmt: skip
+        self.command_options = command_options
         self.json_mode = json_mode
         self.stream = stream or sys.stdout
         self.err_stream = err_stream or sys.stderr
@@ -76,7 +83,7 @@ class Output:
         if self.json_mode:
             self.emit_json({"run_id": record.run_id, "task": record.task, "target": record.target,
                             "run_dir": record.run_dir, "secret_names": record.secret_names,
-                            "detached": detached, "commands": follow_up_commands(record.run_id)})  # fmt: skip
+                            "detached": detached, "commands": follow_up_commands(record.run_id, self.command_options)})  # fmt: skip
             return
         self._line(
             f"run {record.run_id} submitted ({record.task} on {record.target})", style="bold green"
@@ -89,13 +96,15 @@ class Output:
         if self.json_mode:
             return
         self._line("follow it with:")
-        for command in follow_up_commands(run_id):
+        for command in follow_up_commands(run_id, self.command_options):
             self._line(f"  {command}", style="cyan")
 
     def interrupted(self, run_id: str) -> None:
         self.info(f"stopped following; run {run_id} keeps running on its target")
         if not self.json_mode:
-            self.err_stream.write("\n".join("  " + c for c in follow_up_commands(run_id)) + "\n")
+            self.err_stream.write(
+                "\n".join("  " + c for c in follow_up_commands(run_id, self.command_options)) + "\n"
+            )
 
     def status(self, record: RunRecord, status: RunStatus) -> None:
         if self.json_mode:

@@ -104,6 +104,8 @@ class LocalBackend:
 
     def run_python(self, code: str, *, timeout_s: float) -> str:
         self._check_open()
+        with _translate_os_errors(self.root()):
+            self._root.mkdir(parents=True, exist_ok=True)  # a fresh --output-dir is the root
         try:
             result = subprocess.run(
                 [sys.executable, "-"], input=code, capture_output=True, text=True,
@@ -111,6 +113,8 @@ class LocalBackend:
             )  # fmt: skip
         except subprocess.TimeoutExpired as exc:
             raise TargetError(f"local snippet did not finish within {timeout_s:.0f} s") from exc
+        except OSError as exc:
+            raise TargetError(f"cannot start {sys.executable}: {exc.strerror}") from exc
         if result.returncode != 0:
             tail = "\n".join(result.stderr.strip().splitlines()[-3:])
             raise TargetError(f"local snippet failed (exit {result.returncode}): {tail}")
