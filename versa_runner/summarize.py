@@ -264,7 +264,7 @@ def _pair_row(key: tuple[str, str], left: dict[str, Any], right: dict[str, Any])
     pack, seq = key
     if left.get("rows_sha256") != right.get("rows_sha256") or not left.get("rows_sha256"):
         raise ConfigError(
-            f"pack={pack} seq={seq}: the runs used different blocks (rows_sha256 "
+            f"pack={pack} seq={seq}: the runs used different blocks or did not record them (rows_sha256 "
             f"{str(left.get('rows_sha256'))[:12]}... vs {str(right.get('rows_sha256'))[:12]}...)",
             hint="Collect both models with the same packs, --num-blocks and --seq-lens-csv.",
         )
