@@ -308,13 +308,17 @@ def test_validate_task_detached_and_no_detach(tmp_path: Path) -> None:
     submitted = cli(args, detached_dir, env)
     assert submitted.returncode == 0, submitted.stderr
     detached_id = only_run_id(detached_dir)
-    attached = cli([*args, "--no-detach"], attached_dir, env, timeout_s=300)
+    # --output-dir, not the cwd, decides where artifacts/, reports/ and the journal go
+    attached = cli(
+        [*args, "--no-detach", "--output-dir", str(attached_dir)], tmp_path, env, timeout_s=300
+    )
     assert attached.returncode == 0, attached.stdout[-3000:] + attached.stderr
     assert "succeeded" in attached.stdout
     waited = cli(["wait", detached_id, "--timeout", "240"], detached_dir, env, timeout_s=300)
     assert waited.returncode == 0, (run_dir(detached_dir, detached_id) / "run.log").read_text()[
         -3000:
     ]
+    assert not (tmp_path / "reports").exists() and not (tmp_path / ".versa_runner").exists()
     for out_dir in (detached_dir, attached_dir):
         run_id = only_run_id(out_dir)
         assert "max_abs" in (out_dir / VALIDATE_REPORT).read_text().lower().replace(" ", "_")
