@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import requests
-from faultproxy import free_port
+from faultproxy import FaultProxy, free_port
 from runner_support import TEST_NOTEBOOKS, cli, runner_env, wait_for
 
 if TYPE_CHECKING:
@@ -194,10 +194,24 @@ def test_runner_killed_then_logs_follow_and_sync_finish_the_run(
         followed = cli(["logs", run_id, "--follow", *connect], out, env, timeout_s=120)
         assert followed.returncode == 0, followed.stdout + followed.stderr
         assert "SLEEP_DONE" in followed.stdout and "state=succeeded exit_code=0" in followed.stdout
-        synced = cli(["sync", run_id, *connect], out, env)
-        assert synced.returncode == 0, synced.stdout + synced.stderr
+        # Sync through a proxy that cuts the first connections moving more than 3 kB (REST
+        # downloads and the manifest snippet's websocket alike): retries, Range resume and the
+        # websocket reconnect must still bring every file home intact.
+        port = int(server.url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+        with FaultProxy(port, cut_after_bytes=3000, max_cuts=2, direction="down") as proxy:
+            cut_dir = tmp_path / "via_proxy"
+            cut_dir.mkdir()
+            proxied = ["--url-file", str(cut_dir / "url")]
+            (cut_dir / "url").write_text(proxy.url_for(server.url) + "\n")
+            synced = cli(["sync", run_id, *proxied], out, env)
+            assert synced.returncode == 0, synced.stdout + synced.stderr
+            assert proxy.cuts >= 1
     finally:
         kill_remote_run(server, run_id)
+    for name in ("output.ipynb", "run.log"):
+        local, remote = out / "versa_runs" / run_id / name, remote_run_dir(server, run_id) / name
+        assert local.read_bytes() == remote.read_bytes(), name
+    assert not list(out.rglob("*.part")), "a partial download was left behind"
     assert (remote_run_dir(server, run_id) / "exit_code").read_text().strip() == "0"
     executed = json.loads((out / "versa_runs" / run_id / "output.ipynb").read_text())
     states = [c["metadata"]["papermill"]["status"] for c in executed["cells"]]

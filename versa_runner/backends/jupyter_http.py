@@ -150,14 +150,12 @@ class JupyterHttp:
             ).add_context(self._log_filter.scrub(str(exc))) from None
 
     def _prime_xsrf(self) -> None:
-        """Fetch the `_xsrf` cookie that a no-token server demands on unsafe methods."""
+        """Fetch the `_xsrf` cookie that a no-token server demands on unsafe methods.
+
+        Any page answer will do (a proxy may 404 the root); retried like every GET.
+        """
         self._xsrf_primed = True
-        with self._translate("GET /"):
-            resp = self.session.get(
-                self.target.base_url + "/", timeout=self.retry.request_timeout_s
-            )
-        if resp.status_code in AUTH_STATUSES:
-            raise AuthError(f"{self.target.redacted_url} answered {resp.status_code}")
+        self.request("GET", "/", ok=tuple(range(200, 500)))
         cookie = self.session.cookies.get("_xsrf")
         if cookie:
             self.session.headers["X-XSRFToken"] = cookie
