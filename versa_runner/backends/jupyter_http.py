@@ -251,7 +251,7 @@ class JupyterHttp:
         """Bytes of `path` from `offset` (at most `length`), None when absent."""
         if length == 0:
             return b"" if self.stat(path) is not None else None
-        headers = {}
+        headers = dict(_FRESH)
         if offset or length is not None:
             end = "" if length is None else str(offset + length - 1)
             headers["Range"] = f"bytes={offset}-{end}"
@@ -261,7 +261,7 @@ class JupyterHttp:
         if resp.status_code == 416:
             return b""
         body = resp.content
-        if resp.status_code == 200 and headers:  # the server ignored the range
+        if resp.status_code == 200 and "Range" in headers:  # the server ignored the range
             body = body[offset:] if length is None else body[offset : offset + length]
         return body
 
@@ -291,7 +291,7 @@ class JupyterHttp:
         self, path: str, dest: Path, offset: int, progress: ProgressFn | None
     ) -> None:
         # identity: never ask the server to gzip checkpoints on the fly (CPU, no gain)
-        headers = {"Accept-Encoding": "identity"}
+        headers = {**_FRESH, "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
         resp = self.request(
@@ -314,6 +314,7 @@ class JupyterHttp:
 
 
 _WS_HEADERS = ("Authorization", "X-XSRFToken")
+_FRESH = {"Cache-Control": "no-cache"}  # a log or status.json from a proxy's cache is a lie
 
 
 class _RedactPath(logging.Filter):
