@@ -287,3 +287,42 @@ def test_launcher_bootstrap_failure_and_secret_handling(tmp_path: Path) -> None:
     assert not (run / "secrets.env").exists()
     record = _record("r1", tmp_path, run_dir="versa_runs/r1")
     assert lifecycle.read_status(LocalBackend(tmp_path), record).state is RunState.BOOTSTRAP_FAILED
+
+
+def _launcher_run(tmp_path: Path, name: str, steps: list[dict]) -> Path:
+    run = tmp_path / "versa_runs" / name
+    run.mkdir(parents=True)
+    launch = {"cwd": str(tmp_path), "bootstrap": steps, "kill_grace_s": 2}
+    (run / "launch.json").write_text(json.dumps(launch))
+    return run
+
+
+def test_launcher_bootstrap_timeout_and_stop_signal_end_the_step(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from versa_runner import launcher
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    run = _launcher_run(tmp_path, "timeout", [{"argv": sleeper, "timeout_s": 0.5}])
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, launcher.__file__, str(run)], timeout=60, check=False)
+    assert done.returncode == 5 and time.monotonic() - started < 20
+    assert "failed with exit code 124" in (run / "run.log").read_text()
+
+    run = _launcher_run(tmp_path, "stopped", [{"argv": sleeper, "timeout_s": 600}])
+    proc = subprocess.Popen([sys.executable, launcher.__file__, str(run)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        log = run / "run.log"
+        while not log.exists() or "bootstrap step 1:" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, "the bootstrap step never started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+        assert json.loads((run / "status.json").read_text())["state"] == "killed"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -222,27 +222,32 @@ class Launcher:
         self.stop_signal = signum
 
     def run_bootstrap(self, env: dict[str, str], cwd: str) -> bool:
+        """Run the bootstrap steps in order; False at the first failure, timeout or stop signal.
+
+        Each step runs in its own session so a stop signal or its timeout ends everything it
+        started (a pip install spawns compilers), not just the step's first process.
+        """
         for index, step in enumerate(self.config.get("bootstrap", [])):
             argv = [str(a) for a in step["argv"]]
             timeout_s = float(step.get("timeout_s", 600))
             self.say(f"bootstrap step {index + 1}: {argv[0]} (timeout {timeout_s:.0f} s)")
             try:
-                result = subprocess.run(
-                    argv,
-                    stdout=self.log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    env=env,
-                    cwd=cwd,
-                    timeout=timeout_s,
-                    check=False,
-                )
-                code = result.returncode
-            except subprocess.TimeoutExpired:
-                code = TIMEOUT_EXIT_CODE
+                proc = subprocess.Popen(
+                    argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=env, cwd=cwd, start_new_session=True, close_fds=True,
+                )  # fmt: skip
             except OSError as exc:
                 self.say(f"bootstrap step {index + 1} could not start: {exc}")
-                code = 127
+                return False
+            deadline = time.monotonic() + timeout_s
+            code = None
+            while code is None:
+                try:
+                    code = proc.wait(timeout=POLL_S)
+                except subprocess.TimeoutExpired:
+                    if self.stop_signal is not None or time.monotonic() > deadline:
+                        self.terminate(proc)
+                        code = TIMEOUT_EXIT_CODE if self.stop_signal is None else -1
             if code != 0:
                 self.say(f"bootstrap step {index + 1} failed with exit code {code}")
                 return False
@@ -315,10 +320,11 @@ class Launcher:
         signal.signal(signal.SIGINT, self.on_signal)
         env = self.job_env(self.load_secrets())
         self.say(f"launcher pid={os.getpid()} run_dir={self.run_dir} cwd={cwd}")
-        if not self.run_bootstrap(env, cwd):
-            return self.finish("bootstrap_failed", BOOTSTRAP_EXIT_CODE)
+        bootstrapped = self.run_bootstrap(env, cwd)
         if self.stop_signal is not None:
             return self.finish("killed", SIGNAL_EXIT_BASE + self.stop_signal)
+        if not bootstrapped:
+            return self.finish("bootstrap_failed", BOOTSTRAP_EXIT_CODE)
         argv = self.papermill_argv(cwd)
         self.say("starting papermill")
         proc = subprocess.Popen(
