@@ -73,8 +73,10 @@ class Output:
             self.err_stream.flush()
 
     def log_text(self, text: str) -> None:
-        """Raw log bytes from the job, as they arrive (no added newline)."""
+        """Raw log text from the job, as it arrives (no added newline); JSON lines with --json."""
         if self.json_mode:
+            if text:
+                self.emit_json({"log": text})
             return
         self.stream.write(self.redact(text))
         self.stream.flush()
