@@ -8,6 +8,8 @@ uploads and downloads.
 from __future__ import annotations
 
 import hashlib
+import http.server
+import json
 import logging
 import os
 import socket
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -283,3 +286,61 @@ def test_process_argv_never_holds_the_secrets(any_server: JupyterServer) -> None
         listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     for secret in any_server.secrets:
         assert secret not in listing
+
+
+# -- retry policy against a scripted HTTP server (the status codes a proxy can produce) --------
+
+
+class _Scripted(http.server.BaseHTTPRequestHandler):
+    """Answers from `script[path]` in order (then 200 {}); records every request."""
+
+    script: dict[str, list[int]] = {}
+    seen: list[tuple[str, str, str | None]] = []
+
+    def _answer(self) -> None:
+        path = self.path.split("?")[0]
+        self.seen.append((self.command, path, self.headers.get("Authorization")))
+        codes = self.script.get(path, [])
+        code = codes.pop(0) if codes else 200
+        body = json.dumps({"size": 3, "last_modified": "2026-01-01T00:00:00Z", "id": "k"}).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_retries_429_and_5xx_on_idempotent_calls_only_and_never_401_403_404() -> None:
+    _Scripted.seen = []
+    _Scripted.script = {
+        "/api/contents/flaky": [503, 429, 502],
+        "/api/contents/denied": [401],
+        "/api/contents/missing": [404],
+        "/api/kernels": [503],
+    }
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with JupyterBackend(url, token="tkn", retry=FAST_RETRY) as backend:
+            info = backend.stat("flaky")
+            assert info is not None and info.size_bytes == 3
+            with pytest.raises(AuthError, match="401"):
+                backend.stat("denied")
+            assert backend.stat("missing") is None
+            with pytest.raises(UnreachableError, match="503"):
+                backend.run_python("print(1)", timeout_s=5)  # kernel POST: not idempotent
+    finally:
+        server.shutdown()
+        server.server_close()
+    count = Counter((method, path) for method, path, _ in _Scripted.seen)
+    assert count[("GET", "/api/contents/flaky")] == 4  # 503, 429, 502, then 200
+    assert count[("GET", "/api/contents/denied")] == 1
+    assert count[("GET", "/api/contents/missing")] == 1
+    assert count[("POST", "/api/kernels")] == 1
+    assert {auth for _, _, auth in _Scripted.seen} == {"token tkn"}  # auth on every call
