@@ -106,6 +106,8 @@ def _error_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int,
             "unknown task 'no_such_task'; known tasks: validate_expert_math_toy",
         ),
         (["status", "--bogus"], "unknown argument '--bogus'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["wait", "--timeout", "soon"], "--timeout: invalid float value: 'soon'"),
         (["kill", "--grace", "-1"], "--grace"),
         (["--ssh", "me@host", "--task", "validate_expert_math_toy"], "--ssh"),
         (["--url", "http://a", "--url-file", "f", "doctor"], "--url"),
@@ -177,3 +179,12 @@ def test_preflight_refuses_before_staging(tmp_path, monkeypatch, capsys) -> None
     assert code == 3
     assert first_line.startswith("error: only ") and "GB free" in first_line
     assert not (tmp_path / "versa_runs").exists() and not (tmp_path / ".versa_runner").exists()
+
+
+def test_implicit_submit_finds_the_verb() -> None:
+    implicit = cli._with_implicit_submit
+    assert implicit(["--task", "decode_bench", "--name", "status"])[0] == "submit"
+    assert implicit(["--output-dir", "status", "--task", "x"])[0] == "submit"
+    assert implicit(["--json", "status", "RUN"]) == ["--json", "status", "RUN"]
+    assert implicit(["--output-dir", "o", "logs", "--tail", "3"])[2] == "logs"
+    assert implicit([]) == [] and implicit(["frobnicate"]) == ["frobnicate"]

@@ -18,7 +18,7 @@ import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -79,6 +79,13 @@ tasks: """
 RUN_HELP = "run id, unique prefix of one, or `last`; omitted: the newest run in the journal"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one-line UsageErrors (printed by `main` like every other)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}", hint=f"`{self.prog} --help` lists the options.")
+
+
 # fmt: off
 def _common_options() -> argparse.ArgumentParser:
     """Global options, accepted before or after the verb (absent unless given: SUPPRESS)."""
@@ -98,7 +105,7 @@ def _common_options() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     common = _common_options()
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="versa-run", parents=[common], allow_abbrev=False, formatter_class=fmt,
         description="Run gpt-oss pruning/evaluation notebooks on this machine, a Jupyter server or an SSH host.",
         epilog=EXAMPLES[None],
@@ -152,11 +159,35 @@ def build_parser() -> argparse.ArgumentParser:
 # fmt: on
 
 
+GLOBAL_VALUE_OPTIONS = (
+    "--output-dir",
+    "--url",
+    "--url-file",
+    "--token-file",
+    "--kernel-id",
+    "--ssh",
+)
+
+
 def _with_implicit_submit(argv: list[str]) -> list[str]:
-    """`versa-run --task T ...` means `versa-run submit --task T ...`."""
-    has_verb = any(token in VERBS for token in argv)
-    has_task = any(token == "--task" or token.startswith("--task=") for token in argv)
-    return ["submit", *argv] if has_task and not has_verb else argv
+    """`versa-run --task T ...` means `versa-run submit --task T ...`.
+
+    The verb is the first bare word that is not a global option's value, so a task flag whose
+    value happens to be a verb (`--name status`) is not mistaken for one.
+    """
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token in GLOBAL_VALUE_OPTIONS:
+            index += 2
+            continue
+        if not token.startswith("-"):
+            has_task = any(t == "--task" or t.startswith("--task=") for t in argv)
+            return ["submit", *argv] if token not in VERBS and has_task else argv
+        if token == "--task" or token.startswith("--task="):
+            return ["submit", *argv]
+        index += 1
+    return argv
 
 
 class Context:
@@ -458,7 +489,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; the one place errors become exit statuses."""
     argv = _with_implicit_submit(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except UsageError as error:
+        Output(json_mode="--json" in argv).error(error)
+        return int(error.exit_code)
     if getattr(args, "verb", None) in ("fixtures", "summarize"):
         # Delegated verbs get their tail verbatim: argparse.REMAINDER moves a leading --flag
         # into `extra` (`summarize --left-json A ...` lost --left-json). H5 minimal edit.
