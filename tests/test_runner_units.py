@@ -326,3 +326,29 @@ def test_launcher_bootstrap_timeout_and_stop_signal_end_the_step(tmp_path: Path)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_output_plain_json_and_redaction(tmp_path: Path) -> None:
+    import io
+
+    from versa_runner.errors import JobFailedError
+    from versa_runner.output import Output
+
+    record = _record("20260101T000000Z-abcdef", tmp_path, secret_names=["HF_TOKEN"])
+    out, err = io.StringIO(), io.StringIO()
+    plain = Output(stream=out, err_stream=err, redactor=Redactor(["hf_value_1234"]),
+                   command_options="--output-dir /x")  # fmt: skip
+    plain.submitted(record, detached=True)
+    plain.log_text("token=hf_value_1234 done\n")
+    plain.error(JobFailedError("run failed hf_value_1234", hint="read the log"))
+    text = out.getvalue()
+    assert "versa-run wait 20260101T000000Z-abcdef --output-dir /x" in text
+    assert "hf_value_1234" not in text + err.getvalue() and "token=*** done" in text
+    assert err.getvalue() == "error: run failed ***\nhint: read the log\n"
+    out = io.StringIO()
+    machine = Output(json_mode=True, stream=out, err_stream=io.StringIO())
+    machine.submitted(record, detached=False)
+    machine.status(record, lifecycle.RunStatus(RunState.SUCCEEDED, exit_code=0))
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert first["secret_names"] == ["HF_TOKEN"] and first["detached"] is False
+    assert second["state"] == "succeeded" and second["exit_code"] == 0
