@@ -140,6 +140,9 @@ def test_sync_transfers_changes_once_and_resumes(tmp_path: Path) -> None:
     assert first.notebook_copy == dest / "reports/notebooks/20260101T000000Z-abcdef_t.ipynb"
     again = sync.sync_run(backend, record, dest)
     assert again.transferred == [] and again.bytes_transferred == 0
+    # unchanged files (same size and mtime) are not rehashed: the target keeps a hash cache
+    cache = json.loads((target_root / "versa_runs" / "manifest_cache.json").read_text())
+    assert cache["reports/r.md"]["sha256"] == sync.sha256_file(target_root / "reports/r.md")
     # A changed file is fetched again, resuming from an existing partial download.
     new = os.urandom(200_000)
     (target_root / "artifacts/sub/big.bin").write_bytes(new)

@@ -37,23 +37,38 @@ RUN_FILES = ("output.ipynb", "run.log")
 MANIFEST_TIMEOUT_S = 600.0  # hashing multi-GB checkpoints takes minutes (versa_spec §8.15)
 PART_SUFFIX = ".part"
 
+# Hashing is the slow part (a pruned checkpoint under artifacts/ is many GB), so the snippet
+# keeps `versa_runs/manifest_cache.json` (path -> size, mtime, sha256) on the target and rehashes
+# only files whose size or mtime changed. Not a hidden name: jupyter_server refuses those.
 MANIFEST_SNIPPET = r"""
 import hashlib, json, os
 args = json.loads(__ARGS__)
 root = args["root"]
+cache_path = os.path.join(root, "versa_runs", "manifest_cache.json")
+try:
+    with open(cache_path) as fh:
+        cache = json.load(fh)
+except (OSError, ValueError):
+    cache = {}
 entries = []
 
 def add(rel):
     full = os.path.join(root, rel)
     if os.path.islink(full) or not os.path.isfile(full):
         return
-    digest = hashlib.sha256()
-    with open(full, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
     info = os.stat(full)
-    entries.append({"path": rel, "size_bytes": info.st_size, "mtime": info.st_mtime,
-                    "sha256": digest.hexdigest()})
+    known = cache.get(rel)
+    if known and known["size_bytes"] == info.st_size and known["mtime"] == info.st_mtime:
+        sha = known["sha256"]
+    else:
+        digest = hashlib.sha256()
+        with open(full, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        sha = digest.hexdigest()
+    entry = {"path": rel, "size_bytes": info.st_size, "mtime": info.st_mtime, "sha256": sha}
+    cache[rel] = entry
+    entries.append(entry)
 
 for top in args["dirs"]:
     base = os.path.join(root, top)
@@ -65,6 +80,14 @@ for top in args["dirs"]:
             add(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
 for rel in args["files"]:
     add(rel)
+try:
+    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+    tmp = f"{cache_path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(cache, fh)
+    os.replace(tmp, cache_path)
+except OSError:
+    pass  # the cache only saves time
 print(__SENTINEL__ + json.dumps({"entries": entries}))
 """
 
