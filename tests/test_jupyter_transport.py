@@ -147,9 +147,13 @@ def test_run_python_uses_one_kernel_and_close_deletes_it(any_server: JupyterServ
 
 def test_pinned_kernel_is_reused_and_never_deleted(token_server: JupyterServer) -> None:
     with backend_for(token_server) as owner:
-        owner.run_python("x_marker = 41", timeout_s=60)
+        # a notebook kernel whose user changed directory: the root is still found
+        owner.run_python("x_marker = 41\nimport os\nos.makedirs('t_sub', exist_ok=True)\n"
+                         "os.chdir('t_sub')", timeout_s=60)  # fmt: skip
         with backend_for(token_server, kernel_id=owner.kernel_id) as guest:
             assert guest.run_python("print(x_marker + 1)", timeout_s=30).strip() == "42"
+            assert guest.root() == str(token_server.root_dir)
+        assert not list(token_server.root_dir.glob("versa_root_probe-*"))
         kernels = {k["id"] for k in owner.http.request("GET", "/api/kernels").json()}
         assert owner.kernel_id in kernels  # the guest left the kernel it did not create
         gone = backend_for(token_server, kernel_id="00000000-0000-0000-0000-000000000000")

@@ -31,6 +31,7 @@ from versa_runner.backends.jupyter_http import (
     UPLOAD_CHUNK_BYTES,
     JupyterHttp,
     RetryPolicy,
+    contents_path,
 )
 from versa_runner.backends.jupyter_url import JupyterTarget, parse_server_url, redact
 from versa_runner.backends.jupyter_ws import KernelChannel
@@ -77,10 +78,26 @@ class JupyterBackend:
         return f"jupyter {self.target.redacted_url}"
 
     def root(self) -> str:
-        """The server's root directory: where a kernel started at path "" runs."""
+        """The directory the contents API serves, as an absolute path on the target.
+
+        Not simply the kernel's cwd: a reused notebook kernel may have changed directory. A
+        probe file is written through the contents API and looked for from the kernel (its cwd
+        and parents, then Kaggle's root); the snippet deletes it.
+        """
         if self._root is None:
-            code = f"import os, json; print({SENTINEL!r} + json.dumps(os.getcwd()))"
-            self._root = json.loads(_sentinel_json(self.run_python(code, timeout_s=ROOT_TIMEOUT_S)))
+            probe = f"versa_root_probe-{secrets.token_hex(6)}"
+            body = {"type": "file", "format": "text", "content": "probe"}
+            self.http.request("PUT", contents_path(probe), json=body, ok=(200, 201))
+            code = ROOT_SNIPPET.replace("__PROBE__", repr(probe)).replace(
+                "__SENTINEL__", repr(SENTINEL)
+            )
+            found = json.loads(_sentinel_json(self.run_python(code, timeout_s=ROOT_TIMEOUT_S)))
+            if not found:
+                raise TargetError(
+                    "could not locate the Jupyter root from the launcher kernel",
+                    hint="Let versa-run create its own kernel (drop --kernel-id).",
+                )
+            self._root = str(found)
         return self._root
 
     def put_bytes(self, path: str, data: bytes, *, mode: int | None = None) -> None:
@@ -211,11 +228,22 @@ class JupyterBackend:
             if not self.http.rename_fresh(tmp, str(final)):
                 self._python_on_paths("os.replace(a, b)", a=tmp, b=str(final))
         except BaseException:
-            try:
-                self.http.remove(tmp)
-            except (TargetError, RuntimeError) as exc:
-                log.warning("could not remove temporary %s: %s", tmp, exc)
+            self._discard(tmp)
             raise
+
+    def _discard(self, path: str) -> None:
+        """Best-effort removal of a failed upload's temporary.
+
+        Through the kernel when one is open: a contents DELETE may move the file to the
+        server's trash (`delete_to_trash`), which on Kaggle still fills the disk.
+        """
+        try:
+            if self._channel is not None:
+                self._python_on_paths("os.path.exists(a) and os.unlink(a)", a=path)
+            else:
+                self.http.remove(path)
+        except (TargetError, RuntimeError) as exc:
+            log.warning("could not remove temporary %s: %s", path, exc)
 
     def _remote_sha256(self, path: str) -> str:
         """`?hash=1` when the server offers sha256 (jupyter_server >= 2.11), else a snippet."""
@@ -266,6 +294,21 @@ class JupyterBackend:
             self.http.request("POST", f"/api/kernels/{self._kernel_id}/interrupt", ok=(200, 204))
         except TargetError as exc:
             log.warning("interrupt of kernel %s failed: %s", self._kernel_id, exc)
+
+
+# Finds the directory holding the probe file the contents API just wrote, and removes the probe.
+ROOT_SNIPPET = r"""
+import json, os
+probe, found = __PROBE__, None
+parts = os.getcwd().split(os.sep)
+candidates = [os.sep.join(parts[:i]) or os.sep for i in range(len(parts), 0, -1)]
+for candidate in candidates + ["/kaggle/working"]:
+    if os.path.isfile(os.path.join(candidate, probe)):
+        found = candidate
+        os.unlink(os.path.join(candidate, probe))
+        break
+print(__SENTINEL__ + json.dumps(found))
+"""
 
 
 @dataclass(frozen=True)
