@@ -325,6 +325,7 @@ def test_retries_429_and_5xx_on_idempotent_calls_only_and_never_401_403_404() ->
         "/api/contents/flaky": [503, 429, 502],
         "/api/contents/denied": [401],
         "/api/contents/missing": [404],
+        "/api/contents/moved": [302],  # an expired proxy URL bouncing to a login page
         "/api/kernels": [503],
     }
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
@@ -337,6 +338,8 @@ def test_retries_429_and_5xx_on_idempotent_calls_only_and_never_401_403_404() ->
             with pytest.raises(AuthError, match="401"):
                 backend.stat("denied")
             assert backend.stat("missing") is None
+            with pytest.raises(AuthError, match="302"):
+                backend.stat("moved")
             with pytest.raises(UnreachableError, match="503"):
                 backend.run_python("print(1)", timeout_s=5)  # kernel POST: not idempotent
     finally:
@@ -346,5 +349,6 @@ def test_retries_429_and_5xx_on_idempotent_calls_only_and_never_401_403_404() ->
     assert count[("GET", "/api/contents/flaky")] == 4  # 503, 429, 502, then 200
     assert count[("GET", "/api/contents/denied")] == 1
     assert count[("GET", "/api/contents/missing")] == 1
+    assert count[("GET", "/api/contents/moved")] == 1
     assert count[("POST", "/api/kernels")] == 1
     assert {auth for _, _, auth in _Scripted.seen} == {"token tkn"}  # auth on every call

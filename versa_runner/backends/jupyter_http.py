@@ -66,7 +66,10 @@ class JupyterHttp:
         self.target = target
         self.retry = retry or RetryPolicy()
         self.session = requests.Session()
-        self.session.headers["Referer"] = target.base_url + "/"
+        # Same-host Referer satisfies jupyter_server's XSRF check on GETs; only scheme://host/,
+        # so a redirect elsewhere never carries the path (the credential, on Kaggle).
+        parts = urlsplit(target.base_url)
+        self.session.headers["Referer"] = f"{parts.scheme}://{parts.netloc}/"
         if target.token:
             self.session.headers["Authorization"] = f"token {target.token}"
         self._xsrf_primed = bool(target.token)
@@ -99,6 +102,7 @@ class JupyterHttp:
             self._prime_xsrf()
         what = f"{method} {api_path.split('?')[0]}"
         kwargs.setdefault("timeout", self.retry.request_timeout_s)
+        kwargs.setdefault("allow_redirects", False)  # an API call redirected = a login page
         attempts = self.retry.attempts if idempotent else 1
         for attempt in range(1, attempts + 1):
             try:
@@ -109,7 +113,9 @@ class JupyterHttp:
                     raise
                 time.sleep(self.retry.delay_s(attempt))
                 continue
-            if resp.status_code in AUTH_STATUSES:
+            if resp.status_code in AUTH_STATUSES or (
+                300 <= resp.status_code < 400 and resp.status_code not in ok
+            ):
                 raise AuthError(
                     f"{what} on {self.target.redacted_url} answered {resp.status_code}: the URL "
                     f"or token has expired or is wrong ({_message(resp)})"
@@ -155,7 +161,7 @@ class JupyterHttp:
         Any page answer will do (a proxy may 404 the root); retried like every GET.
         """
         self._xsrf_primed = True
-        self.request("GET", "/", ok=tuple(range(200, 500)))
+        self.request("GET", "/", ok=tuple(range(200, 500)), allow_redirects=True)
         cookie = self.session.cookies.get("_xsrf")
         if cookie:
             self.session.headers["X-XSRFToken"] = cookie
