@@ -98,7 +98,13 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("--url-file", default=s, help="file holding the Jupyter server URL")
     common.add_argument("--token-file", default=s, help="file holding the Jupyter token")
     common.add_argument("--kernel-id", default=s, help="reuse this Jupyter kernel as launcher")
-    common.add_argument("--ssh", default=s, help="SSH target user@host (not implemented yet)")
+    common.add_argument("--ssh", default=s, metavar="USER@HOST[:PORT]", help="run on this SSH host (paramiko)")
+    common.add_argument("--ssh-key", default=s, metavar="FILE", help="private key for --ssh (passphrase: env VERSA_SSH_PASSPHRASE)")
+    common.add_argument("--ssh-port", type=int, default=s, metavar="N", help="SSH port (default 22)")
+    common.add_argument("--ssh-python", default=s, metavar="PATH", help="Python on the SSH host (default python3)")
+    common.add_argument("--ssh-accept-new", action="store_true", default=s,
+                        help="add an unknown SSH host key to ~/.ssh/known_hosts (otherwise refused)")
+    common.add_argument("--remote-root", default=s, metavar="DIR", help="target root on the SSH host (default ~/versa_work)")
     return common
 
 
@@ -166,6 +172,10 @@ GLOBAL_VALUE_OPTIONS = (
     "--token-file",
     "--kernel-id",
     "--ssh",
+    "--ssh-key",
+    "--ssh-port",
+    "--ssh-python",
+    "--remote-root",
 )
 
 
@@ -206,7 +216,7 @@ class Context:
         parts: list[str] = []
         if self.output_dir != Path.cwd().resolve():
             parts += ["--output-dir", shlex.quote(str(self.output_dir))]
-        for flag in ("url_file", "token_file"):
+        for flag in ("url_file", "token_file", "ssh_key", "ssh_python"):
             if getattr(self.args, flag, None):
                 parts += ["--" + flag.replace("_", "-"), shlex.quote(str(getattr(self.args, flag)))]
         return " ".join(parts)
@@ -215,10 +225,11 @@ class Context:
         """The target the flags name: local unless --url/--url-file/--ssh."""
         a = self.args
         if getattr(a, "ssh", None):
-            raise UsageError(
-                "--ssh: the SSH target is not implemented yet",
-                hint="Run locally or use --url-file.",
-            )
+            if getattr(a, "url", None) or getattr(a, "url_file", None):
+                raise UsageError("--ssh and --url/--url-file name two targets; give one of them")
+            return self._ssh_backend(a.ssh)
+        if getattr(a, "remote_root", None):
+            raise UsageError("--remote-root applies to --ssh targets only")
         jupyter_url = importlib.import_module("versa_runner.backends.jupyter_url")
         flags = ("url", "url_file", "token_file", "kernel_id")
         if any(getattr(a, name, None) for name in flags) or any(
@@ -232,6 +243,8 @@ class Context:
             return LocalBackend(record.root)
         if record.backend == "jupyter":
             return self._jupyter_backend(root=record.root)
+        if record.backend == "ssh":  # host, user and port come from the journal
+            return self._ssh_backend(record.target, root=record.root)
         raise UsageError(
             f"run {record.run_id} uses target {record.backend!r}, which this build cannot reach"
         )
@@ -245,6 +258,21 @@ class Context:
             token_file=getattr(a, "token_file", None), kernel_id=getattr(a, "kernel_id", None),
         )  # fmt: skip
         return backend_class(target, root=root)
+
+    def _ssh_backend(self, spec: str, root: str | None = None) -> Backend:
+        ssh = importlib.import_module("versa_runner.backends.ssh")
+        a = self.args
+        user, host, port = ssh.parse_ssh_spec(spec, port=getattr(a, "ssh_port", None))
+        key = Path(a.ssh_key).expanduser() if getattr(a, "ssh_key", None) else None
+        if key is not None and not key.is_file():
+            raise UsageError(f"--ssh-key: {key} is not a file")
+        passphrase = os.environ.get("VERSA_SSH_PASSPHRASE") or None
+        if passphrase:
+            self.out.redact.add(passphrase)
+        target = ssh.SshTarget(host=host, user=user, port=port, key_file=key, passphrase=passphrase,
+                               accept_new=bool(getattr(a, "ssh_accept_new", False)))  # fmt: skip
+        return ssh.SshBackend(target, root=root, python=getattr(a, "ssh_python", None) or "python3",
+                              remote_root=getattr(a, "remote_root", None) or ssh.DEFAULT_REMOTE_ROOT)  # fmt: skip
 
     def record(self, ref: str | None) -> runs.RunRecord:
         record = runs.resolve_run(self.output_dir, ref)

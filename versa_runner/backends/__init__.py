@@ -11,6 +11,7 @@ from versa_runner.errors import UsageError
 REGISTRY: dict[str, str] = {
     "local": "versa_runner.backends.local:LocalBackend",
     "jupyter": "versa_runner.backends.jupyter:JupyterBackend",
+    "ssh": "versa_runner.backends.ssh:SshBackend",
 }
 
 

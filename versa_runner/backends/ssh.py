@@ -1,0 +1,474 @@
+"""The SSH target: any host reachable with OpenSSH, driven through paramiko.
+
+Transport only (see `backends.base`). Files move over SFTP: uploads go to `<name>.<hex>.part`,
+are checked by a sha256 snippet on the target (OpenSSH has no SFTP `check-file` extension,
+orchestration_anchors §5.2), then renamed with `posix-rename@openssh.com`; downloads seek to
+the resume offset and prefetch from there. `run_python` execs `<python> -` in the target root
+with the snippet written to the channel's stdin, so no snippet ever shows in a remote `ps`.
+The job outlives this connection because the launch snippet starts the launcher in its own
+process session (lifecycle), not because of anything here.
+
+Host keys: `~/.ssh/known_hosts` decides. An unknown host is refused unless the user asked for
+`accept_new` (OpenSSH's `StrictHostKeyChecking=accept-new`: learn a new host, never a changed
+key); nothing is ever added silently. A dropped connection is reported as UnreachableError
+once and re-opened by the next call, so a follower polling status rides over it.
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import hashlib
+import io
+import logging
+import posixpath
+import secrets
+import shlex
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, TypeVar
+
+import paramiko
+
+from versa_runner.backends.base import SENTINEL, ProgressFn, RemoteStat
+from versa_runner.errors import (
+    AuthError,
+    TargetError,
+    TransferError,
+    UnreachableError,
+    UnsafePathError,
+    UsageError,
+    VersaRunError,
+)
+from versa_runner.fsutil import CHUNK_BYTES
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+DEFAULT_PORT = 22
+DEFAULT_REMOTE_ROOT = "~/versa_work"
+DEFAULT_PYTHON = "python3"
+KNOWN_HOSTS = "~/.ssh/known_hosts"
+CONNECT_TIMEOUT_S = 20.0
+KEEPALIVE_S = 15  # keeps NAT/firewall state alive while a follower sits between polls
+HASH_TIMEOUT_S = 600.0
+EXEC_POLL_S = 0.01
+STDERR_TAIL_LINES = 3
+
+AUTH_HINT = (
+    "Check the user and --ssh-key (its public half must be in the host's authorized_keys); "
+    "an encrypted key reads its passphrase from VERSA_SSH_PASSPHRASE."
+)
+UNKNOWN_HOST_TEMPLATE = (
+    "host key of {host} ({key_type} {fingerprint}) is not in {known_hosts}; refusing to connect"
+)
+UNKNOWN_HOST_HINT = (
+    "Verify that fingerprint out of band, then rerun once with --ssh-accept-new "
+    "(or add the host with `ssh-keyscan -p PORT HOST >> ~/.ssh/known_hosts`)."
+)
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """Where to connect and how to authenticate; the passphrase is never shown."""
+
+    host: str
+    user: str
+    port: int = DEFAULT_PORT
+    key_file: Path | None = None
+    passphrase: str | None = field(default=None, repr=False)
+    accept_new: bool = False
+    known_hosts: Path = field(default_factory=lambda: Path(KNOWN_HOSTS).expanduser())
+
+    @property
+    def described(self) -> str:
+        return f"ssh:{self.user}@{self.host}:{self.port}"
+
+
+def parse_ssh_spec(spec: str, *, port: int | None = None) -> tuple[str, str, int]:
+    """`[user@]host[:port]` (or a journal's `ssh:user@host:port`) -> (user, host, port).
+
+    `port` (from --ssh-port) must agree with a port in the spec when both are given.
+    """
+    text = spec.strip().removeprefix("ssh:")
+    user, at, hostport = text.rpartition("@")
+    user = user if at else getpass.getuser()
+    host, colon, port_text = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+    spec_port = None
+    if colon:
+        if not port_text.isdigit():
+            raise UsageError(f"--ssh: expected user@host[:port], got {spec!r}")
+        spec_port = int(port_text)
+    if not host or not user or any(c.isspace() for c in text):
+        raise UsageError(f"--ssh: expected user@host[:port], got {spec!r}")
+    if spec_port is not None and port is not None and spec_port != port:
+        raise UsageError(f"--ssh says port {spec_port} but --ssh-port says {port}; give one")
+    chosen = port if port is not None else spec_port if spec_port is not None else DEFAULT_PORT
+    if not 1 <= chosen <= 65535:
+        raise UsageError(f"--ssh-port: expected a port 1..65535, got {chosen}")
+    return user, host, chosen
+
+
+class SshBackend:
+    """Transport to an SSH host: SFTP for files, exec channels for snippets."""
+
+    name = "ssh"
+
+    def __init__(
+        self,
+        target: SshTarget,
+        *,
+        root: str | None = None,
+        remote_root: str = DEFAULT_REMOTE_ROOT,
+        python: str = DEFAULT_PYTHON,
+    ) -> None:
+        self.target = target
+        self.python = python
+        self._remote_root = remote_root
+        self._root = root  # known from the journal for follow-up commands
+        self._client: paramiko.SSHClient | None = None
+        self._sftp_client: paramiko.SFTPClient | None = None
+        self._made_dirs: set[str] = set()
+        self._closed = False
+
+    # -- Backend protocol ---------------------------------------------------------------------
+
+    def describe(self) -> str:
+        """`ssh:user@host:port`; never a key path or passphrase."""
+        return self.target.described
+
+    def root(self) -> str:
+        """The absolute root on the host; `~` is the login directory SFTP starts in."""
+        if self._root is None:
+            raw = self._remote_root
+            if raw == "~" or raw.startswith("~/") or not raw.startswith("/"):
+                with self._boundary("resolve the home directory"):
+                    home = self._sftp().normalize(".")
+                raw = posixpath.join(home, raw[2:] if raw.startswith("~/") else raw.lstrip("~"))
+            self._root = posixpath.normpath(raw)
+        return self._root
+
+    def put_bytes(self, path: str, data: bytes, *, mode: int | None = None) -> None:
+        """Write `data` to `path` via a `.part` temporary, verified by sha256, then renamed."""
+        self._upload(io.BytesIO(data), path, hashlib.sha256(data).hexdigest(), mode, None)
+
+    def put_file(self, local_path: Path, path: str, *, progress: ProgressFn | None = None) -> None:
+        """Upload a local file the same way as `put_bytes`, reporting progress per chunk."""
+        digest = hashlib.sha256()
+        with open(local_path, "rb") as fh:
+            while block := fh.read(CHUNK_BYTES):
+                digest.update(block)
+            fh.seek(0)
+            self._upload(fh, path, digest.hexdigest(), None, progress)
+
+    def read_bytes(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes | None:
+        """Bytes of `path` from `offset` (an SFTP seek); None when the file does not exist."""
+        full = self._resolve(path)
+
+        def read() -> bytes | None:
+            try:
+                with self._sftp().open(full, "rb") as fh:
+                    fh.seek(offset)
+                    return fh.read() if length is None else fh.read(length)
+            except FileNotFoundError:
+                return None
+
+        return self._idempotent(f"read {path}", read)
+
+    def download(
+        self, path: str, dest: Path, *, offset: int = 0, progress: ProgressFn | None = None
+    ) -> None:
+        """Append `path` from `offset` to `dest` (resume = seek, then prefetch the rest)."""
+        full = self._resolve(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with self._boundary(f"download {path}"), open(dest, "ab") as out:
+            out.truncate(offset)
+            with self._sftp().open(full, "rb") as src:
+                size = src.stat().st_size or 0
+                src.seek(offset)
+                src.prefetch(size)
+                while chunk := src.read(CHUNK_BYTES):
+                    out.write(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+
+    def stat(self, path: str) -> RemoteStat | None:
+        """Size and mtime over SFTP; None when `path` does not exist."""
+        full = self._resolve(path)
+
+        def stat() -> RemoteStat | None:
+            try:
+                info = self._sftp().stat(full)
+            except FileNotFoundError:
+                return None
+            return RemoteStat(size_bytes=int(info.st_size or 0), mtime=float(info.st_mtime or 0))
+
+        return self._idempotent(f"stat {path}", stat)
+
+    def run_python(self, code: str, *, timeout_s: float) -> str:
+        """Run `code` with `<python> -` in the root (code on stdin) and return its stdout."""
+        root = shlex.quote(self.root())
+        command = f"mkdir -p -- {root} && cd -- {root} && exec {shlex.quote(self.python)} -"
+        with self._boundary("run a snippet"):
+            channel = self._connection().get_transport().open_session()  # type: ignore[union-attr]
+            try:
+                channel.exec_command(command)
+                channel.sendall(code.encode())
+                channel.shutdown_write()
+                stdout, stderr = _collect(channel, timeout_s)
+                exit_status = channel.recv_exit_status()
+            finally:
+                channel.close()
+        if exit_status != 0:
+            tail = "\n".join(
+                stderr.decode(errors="replace").strip().splitlines()[-STDERR_TAIL_LINES:]
+            )
+            hint = f"Is {self.python!r} a Python 3 on the host? Pass --ssh-python PATH otherwise."
+            raise TargetError(f"snippet failed on {self.describe()} (exit {exit_status}): {tail}",
+                              hint=hint)  # fmt: skip
+        return stdout.decode(errors="replace")
+
+    def close(self) -> None:
+        """Close SFTP and the SSH connection; a running job is not affected."""
+        self._drop_connection()
+        self._closed = True
+
+    def __enter__(self) -> SshBackend:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("SshBackend used after close()")
+
+    def _resolve(self, path: str) -> str:
+        """Absolute remote path of a root-relative POSIX path; refuses paths leaving the root."""
+        self._check_open()
+        relative = PurePosixPath(path)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise UnsafePathError(f"path {path!r} is not relative to the target root")
+        return posixpath.join(self.root(), *relative.parts)
+
+    def _idempotent(self, what: str, operation: Callable[[], _T]) -> _T:
+        """Run a read-only operation; a connection that dropped under it is re-opened once."""
+        try:
+            with self._boundary(what):
+                return operation()
+        except UnreachableError as first:
+            log.debug("retrying %s after %s", what, first)
+            with self._boundary(what):
+                return operation()
+
+    def _connection(self) -> paramiko.SSHClient:
+        """The open SSH connection, (re)connecting when there is none or it dropped."""
+        self._check_open()
+        transport = self._client.get_transport() if self._client is not None else None
+        if transport is not None and transport.is_active():
+            return self._client  # type: ignore[return-value]
+        self._drop_connection()
+        t = self.target
+        client = paramiko.SSHClient()
+        if t.known_hosts.exists():
+            client.load_host_keys(str(t.known_hosts))
+        policy = (
+            _AcceptNewHost(t.known_hosts) if t.accept_new else _RefuseUnknownHost(t.known_hosts)
+        )
+        client.set_missing_host_key_policy(policy)
+        log.debug("connecting to %s", t.described)
+        client.connect(
+            t.host, port=t.port, username=t.user,
+            key_filename=str(t.key_file) if t.key_file else None, passphrase=t.passphrase,
+            look_for_keys=t.key_file is None, allow_agent=t.key_file is None,
+            timeout=CONNECT_TIMEOUT_S, banner_timeout=CONNECT_TIMEOUT_S,
+            auth_timeout=CONNECT_TIMEOUT_S,
+        )  # fmt: skip
+        client.get_transport().set_keepalive(KEEPALIVE_S)  # type: ignore[union-attr]
+        self._client = client
+        return client
+
+    def _sftp(self) -> paramiko.SFTPClient:
+        client = self._connection()
+        if self._sftp_client is None:
+            self._sftp_client = client.open_sftp()
+        return self._sftp_client
+
+    def _drop_connection(self) -> None:
+        for holder in (self._sftp_client, self._client):
+            if holder is not None:
+                try:
+                    holder.close()
+                except (OSError, EOFError, paramiko.SSHException):
+                    pass  # already gone; closing is best effort
+        self._sftp_client, self._client = None, None
+        self._made_dirs.clear()
+
+    def _mkdirs(self, directory: str) -> None:
+        """`mkdir -p` over SFTP, remembering what exists for this connection."""
+        sftp = self._sftp()
+        missing: list[str] = []
+        current = directory
+        while current not in self._made_dirs and current not in ("/", ""):
+            try:
+                sftp.stat(current)
+                break
+            except FileNotFoundError:
+                missing.append(current)
+                current = posixpath.dirname(current)
+        for name in reversed(missing):
+            try:
+                sftp.mkdir(name)
+            except OSError:  # raced by another writer; it must exist now
+                sftp.stat(name)
+        self._made_dirs.add(directory)
+
+    def _upload(
+        self, source: BinaryIO, path: str, sha256: str, mode: int | None,
+        progress: ProgressFn | None,
+    ) -> None:  # fmt: skip
+        """Write to `<name>.<hex>.part`, verify its sha256 on the host, rename onto `path`."""
+        final = self._resolve(path)
+        tmp = f"{final}.{secrets.token_hex(4)}.part"
+        with self._boundary(f"upload {path}"):
+            self._mkdirs(posixpath.dirname(final))
+            sftp = self._sftp()
+            try:
+                with sftp.open(tmp, "wb") as out:
+                    if mode is not None:  # private before the first byte arrives
+                        sftp.chmod(tmp, mode)
+                    out.set_pipelined(True)
+                    while block := source.read(CHUNK_BYTES):
+                        out.write(block)
+                        if progress is not None:
+                            progress(len(block))
+                remote = self._remote_sha256(tmp)
+                if remote != sha256:
+                    raise TransferError(f"upload of {path} did not verify (sha256 mismatch)")
+                sftp.posix_rename(tmp, final)
+            except BaseException:
+                self._discard(tmp)
+                raise
+
+    def _discard(self, full_path: str) -> None:
+        try:
+            if self._sftp_client is not None:
+                self._sftp_client.remove(full_path)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            log.debug("could not remove temporary %s: %s", full_path, exc)
+
+    def _remote_sha256(self, full_path: str) -> str:
+        code = (
+            "import hashlib\nh = hashlib.sha256()\n"
+            f"with open({full_path!r}, 'rb') as f:\n"
+            "    for blk in iter(lambda: f.read(1 << 20), b''):\n        h.update(blk)\n"
+            f"print({SENTINEL!r} + h.hexdigest())"
+        )
+        for line in self.run_python(code, timeout_s=HASH_TIMEOUT_S).splitlines():
+            if line.startswith(SENTINEL):
+                return line[len(SENTINEL) :].strip()
+        raise TargetError(f"sha256 snippet on {self.describe()} printed no reply")
+
+    @contextmanager
+    def _boundary(self, what: str) -> Iterator[None]:
+        """The one place paramiko, socket and SFTP errors become versa-run errors."""
+        where = f"{what} on {self.describe()}"
+        try:
+            yield
+        except VersaRunError:
+            raise
+        except _UnknownHostKey as exc:
+            raise TargetError(str(exc), hint=UNKNOWN_HOST_HINT) from exc
+        except paramiko.BadHostKeyException as exc:
+            self._drop_connection()
+            raise TargetError(
+                f"host key of {self.target.host} does not match {self.target.known_hosts}",
+                hint="The host was reinstalled or someone is in the middle: check before "
+                "removing the old line from known_hosts.",
+            ) from exc
+        except paramiko.AuthenticationException as exc:
+            self._drop_connection()
+            raise AuthError(f"authentication failed for {where}", hint=AUTH_HINT) from exc
+        except (paramiko.SSHException, EOFError, ConnectionError, TimeoutError,
+                socket.gaierror, paramiko.ssh_exception.NoValidConnectionsError) as exc:  # fmt: skip
+            self._drop_connection()
+            raise UnreachableError(f"cannot {where}: {exc or type(exc).__name__}") from exc
+        except OSError as exc:
+            transport = self._client.get_transport() if self._client is not None else None
+            if transport is None or not transport.is_active():  # "Socket is closed" and kin
+                self._drop_connection()
+                raise UnreachableError(f"connection lost during {where}") from exc
+            raise TransferError(f"cannot {where}: {exc.strerror or exc}") from exc
+
+
+def _collect(channel: paramiko.Channel, timeout_s: float) -> tuple[bytes, bytes]:
+    """Drain stdout and stderr until the command exits; TargetError past `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    stdout, stderr = bytearray(), bytearray()
+    while True:
+        moved = False
+        if channel.recv_ready():
+            stdout += channel.recv(CHUNK_BYTES)
+            moved = True
+        if channel.recv_stderr_ready():
+            stderr += channel.recv_stderr(CHUNK_BYTES)
+            moved = True
+        if moved:
+            continue
+        if channel.exit_status_ready() and (channel.eof_received or channel.closed):
+            return bytes(stdout), bytes(stderr)
+        if channel.closed and not channel.exit_status_ready():
+            raise EOFError("the SSH channel closed before the snippet finished")
+        if time.monotonic() > deadline:
+            raise TargetError(f"snippet did not finish within {timeout_s:.0f} s")
+        time.sleep(EXEC_POLL_S)
+
+
+class _UnknownHostKey(paramiko.SSHException):
+    """Raised by the host-key policies; translated at the boundary."""
+
+
+def _fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's `SHA256:<base64>` form, so it can be compared with `ssh-keygen -lf`."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
+    def __init__(self, known_hosts: Path) -> None:
+        self.known_hosts = known_hosts
+
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
+        raise _UnknownHostKey(UNKNOWN_HOST_TEMPLATE.format(
+            host=hostname, key_type=key.get_name(), fingerprint=_fingerprint(key),
+            known_hosts=self.known_hosts))  # fmt: skip
+
+
+class _AcceptNewHost(paramiko.MissingHostKeyPolicy):
+    """OpenSSH's accept-new: remember a host seen for the first time (a changed key still fails,
+    paramiko raises BadHostKeyException before asking a policy)."""
+
+    def __init__(self, known_hosts: Path) -> None:
+        self.known_hosts = known_hosts
+
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
+        self.known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Append one line rather than rewrite: the user's comments and hashed entries stay.
+        with open(self.known_hosts, "a", encoding="ascii") as fh:
+            fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        log.warning("added %s key %s of %s to %s", key.get_name(), _fingerprint(key), hostname,
+                    self.known_hosts)  # fmt: skip
+
+
+__all__ = ["DEFAULT_REMOTE_ROOT", "SshBackend", "SshTarget", "parse_ssh_spec"]
