@@ -5,4 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0 -e '.[gpu,dev]'
 ruff check .
+# The SSH target's tests start a real sshd (tests/ssh_fixtures.py): install it on a fresh CI box.
+if [ ! -x /usr/sbin/sshd ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server; } \
+    >/dev/null 2>&1 || echo "warning: openssh-server could not be installed; SSH tests will skip" >&2
+fi
 python -m pytest -q -x --durations=15 "$@"
