@@ -20,7 +20,7 @@ import versa_kernels
 TRAINED = Path(versa_kernels.__file__).parent / "data" / "tiny_moe_trained"
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_tiny_moe.py"
 KEEP_FRAC = 0.75
-CALIB_ROWS, EVAL_ROWS = 32, 16
+CALIB_ROWS, EVAL_ROWS = 24, 12
 
 
 def _held_out_pack(out: Path) -> Path:
@@ -51,7 +51,7 @@ def test_eaftreap_beats_frequency_and_random_pruning(tmp_path: Path) -> None:
     pack = _held_out_pack(tmp_path / "held_out.parquet")
     result = build_pruned(
         model_path=str(TRAINED), calib_pack_files=[str(pack)], num_rows=CALIB_ROWS,
-        max_seq_length=160, batch_size=16, keep_frac=KEEP_FRAC, min_keep_per_layer=4,
+        max_seq_length=128, batch_size=24, keep_frac=KEEP_FRAC, min_keep_per_layer=4,
         max_keep_per_layer=16, core_pos_top_m=2, baseline_eval_rows=EVAL_ROWS,
         out_dir=str(tmp_path / "pruned"), artifacts_dir=str(tmp_path / "art"),
         reports_dir=str(tmp_path / "reports"),
@@ -64,10 +64,12 @@ def test_eaftreap_beats_frequency_and_random_pruning(tmp_path: Path) -> None:
         b["frequency_ppl"],
         b["random_ppl_mean"],
     )
-    # PPL increases over the unpruned model, the quantity pruning should keep small.
+    # PPL increases over the unpruned model, the quantity pruning should keep small. Measured
+    # (CPU, torch 2.13): base 8.840, EAFT-REAP 9.259 (+0.419), frequency 9.373 (+0.533),
+    # random 10.779 mean (+1.939) over seeds 10.853/11.136/10.882/10.243/10.782.
     d_eaft, d_freq, d_rand = eaft - base, freq - base, rand - base
     assert d_eaft < 0.9 * d_freq, b  # EAFT-REAP raises PPL less than frequency pruning...
     assert d_eaft < 0.5 * d_rand, b  # ...and far less than random pruning (mean of 5 seeds)
-    assert max(b["random_ppl"]) > eaft  # not one lucky draw: EAFT-REAP beats the worst seed
+    assert min(b["random_ppl"]) > eaft, b  # better than every one of the 5 random draws
     report = result.report_path.read_text()
     assert f"{eaft:.4f}" in report and f"{freq:.4f}" in report and f"{rand:.4f}" in report
