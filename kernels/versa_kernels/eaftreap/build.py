@@ -124,7 +124,11 @@ def _csv_list(value: Any) -> list[str]:
 
 
 def _resolve_pack_files(repo: str, files: list[str]) -> tuple[list[Path], list[str]]:
-    """Local paths as given; names that are not local files are fetched from ``repo``."""
+    """Local paths as given; names that are not local files are fetched from ``repo``.
+
+    This is what lets the playbook's command run unchanged where the hub is unreachable: pass
+    local paths in ``calib_pack_files`` and the repo is recorded but not contacted.
+    """
     from versa_kernels.errors import DataError
     from versa_kernels.packs import fetch_pack_files
 
@@ -138,6 +142,8 @@ def _resolve_pack_files(repo: str, files: list[str]) -> tuple[list[Path], list[s
             sources.append(f"hf:{repo}")
         else:
             raise DataError(f"calibration pack {name!r} is not a local file and no repo is set")
+    if repo and all(src == "local" for src in sources):
+        log.info("all calib_pack_files are local paths; %s was not contacted", repo)
     return paths, sources
 
 
