@@ -43,4 +43,6 @@ class DataError(KernelError):
 class CheckpointFormatError(KernelError):
     """A checkpoint or output directory does not have the layout the code needs."""
 
-    default_hint = "Point the parameter at a gpt-oss checkpoint directory (config.json + safetensors)."
+    default_hint = (
+        "Point the parameter at a gpt-oss checkpoint directory (config.json + safetensors)."
+    )
