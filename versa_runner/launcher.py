@@ -309,6 +309,9 @@ class Launcher:
             self.say("papermill did not exit after SIGKILL")
 
     def run(self) -> int:
+        # Handlers first: a kill that lands while status.json is being written is still recorded.
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
         cwd = str(self.config.get("cwd") or os.getcwd())
         self.write_status(
             state="running", started_at=utc_now(), pid=os.getpid(), pgid=os.getpgid(0),
@@ -316,8 +319,6 @@ class Launcher:
             heartbeat_interval_s=self.heartbeat_interval_s, job_cwd=cwd,
         )  # fmt: skip
         self.touch_heartbeat()
-        signal.signal(signal.SIGTERM, self.on_signal)
-        signal.signal(signal.SIGINT, self.on_signal)
         env = self.job_env(self.load_secrets())
         self.say(f"launcher pid={os.getpid()} run_dir={self.run_dir} cwd={cwd}")
         bootstrapped = self.run_bootstrap(env, cwd)
