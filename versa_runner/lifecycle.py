@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 RUNS_DIR = "versa_runs"
 STALE_AFTER_HEARTBEATS = 4  # a run is stale when its heartbeat is older than 4 intervals
 LOG_READ_BYTES = 1 << 20  # 1 MiB per Range read (versa_spec §8.15)
-LOG_POLL_S = 1.5
+LOG_POLL_S = 1.0  # follow/wait poll interval (brief: 1-2 s)
 SNIPPET_TIMEOUT_S = 60.0
 ERROR_CELL_TAG = "papermill-error-cell-tag"
 
