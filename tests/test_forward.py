@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import GptOssForCausalLM, Mxfp4Config
-from versa_kernels.errors import ParameterError
+from versa_kernels.errors import CheckpointFormatError, ParameterError
 from versa_kernels.fixtures.model import make_tiny_checkpoint
 from versa_kernels.gptoss.attention import sdpa_with_sinks, sdpa_with_sinks_fused
 from versa_kernels.gptoss.expert_math import expert_forward, moe_grouped, moe_reference
@@ -238,3 +238,16 @@ class TestCudaBf16:
         )
         print(report)  # the lead copies this line into BENCHMARKS.md
         assert rel < BF16_REL_TOLERANCE, report
+
+
+def test_from_hf_state_dict_matches_transformers_and_load_errors_name_tensors(tiny, ids) -> None:
+    hf = _hf(tiny)
+    state = {k: v.clone() for k, v in hf.state_dict().items()}
+    ours = GptOssModel.from_hf_state_dict(GptOssModel.from_checkpoint(tiny).config, state)
+    with torch.no_grad():
+        assert (_logits(ours, ids) - hf(ids).logits).abs().max().item() < FP32_LOGIT_TOLERANCE
+    del state["model.layers.2.self_attn.sinks"]
+    with pytest.raises(
+        CheckpointFormatError, match=r"missing \['model.layers.2.self_attn.sinks'\]"
+    ):
+        GptOssModel.from_hf_state_dict(ours.config, state)
