@@ -151,8 +151,8 @@ def test_profile_resumes_after_a_crash_with_the_same_result(setup, tmp_path: Pat
     again = _profile(model, examples, state_path=state, on_batch=lambda p, d, t: seen.append(p))
     assert seen == [] and np.array_equal(again.acc.eaft_gate_norm_sum, clean.acc.eaft_gate_norm_sum)
     assert (
-        "p" in torch.load(state, weights_only=False)
-        and not torch.load(state, weights_only=False)["p"]
+        "p" in torch.load(state, weights_only=True)
+        and not torch.load(state, weights_only=True)["p"]
     )
     # A state written for other inputs is ignored, not silently reused.
     other = _profile(model, examples[:2], state_path=state)

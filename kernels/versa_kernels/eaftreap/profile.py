@@ -140,18 +140,40 @@ def fingerprint(examples: Sequence[CalibExample], **settings: Any) -> str:
     return digest.hexdigest()
 
 
+def _to_tensors(obj: Any) -> Any:
+    """numpy arrays -> tensors, recursively, so the state loads with ``weights_only=True``."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(obj, dict):
+        return {k: _to_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_tensors(v) for v in obj]
+    return obj
+
+
+def _to_arrays(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.numpy()
+    if isinstance(obj, dict):
+        return {k: _to_arrays(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_arrays(v) for v in obj]
+    return obj
+
+
 def _save_state(path: Path | None, state: dict[str, Any]) -> None:
     if path is None:
         return
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(_to_tensors(state), buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def _load_state(path: Path | None, fp: str) -> dict[str, Any] | None:
     if path is None or not path.is_file():
         return None
-    state = torch.load(path, weights_only=False)
+    # weights_only: a state file synced from elsewhere must not be able to run code on load.
+    state = _to_arrays(torch.load(path, weights_only=True))
     if state.get("schema_version") != STATE_SCHEMA_VERSION or state.get("fingerprint") != fp:
         log.warning("ignoring profile state %s: it belongs to different inputs", path)
         return None
