@@ -251,3 +251,13 @@ def test_from_hf_state_dict_matches_transformers_and_load_errors_name_tensors(ti
         CheckpointFormatError, match=r"missing \['model.layers.2.self_attn.sinks'\]"
     ):
         GptOssModel.from_hf_state_dict(ours.config, state)
+
+
+def test_model_moe_block_fast_path_equals_its_reference(ours) -> None:
+    x = torch.randn(37, ours.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    for layer in ours.model.layers:
+        with torch.no_grad():
+            fast, *_ = layer.mlp(x, top_k=ours.top_k, expert_mask=None)
+            torch.testing.assert_close(
+                fast, layer.mlp.reference(x, top_k=ours.top_k), atol=1e-5, rtol=1e-5
+            )

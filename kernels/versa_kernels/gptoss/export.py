@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from versa_kernels.gptoss.checkpoint import ShardedWriter
+from versa_kernels.gptoss.checkpoint import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from versa_kernels.gptoss.config import CONFIG_FILE
 from versa_kernels.gptoss.model import GptOssModel
 from versa_kernels.gptoss.mxfp4 import VALUES_PER_BLOCK, encode_mxfp4
@@ -47,7 +47,7 @@ def save_mxfp4_checkpoint(
     out_dir: str | os.PathLike[str],
     *,
     dtype: torch.dtype = torch.bfloat16,
-    max_shard_bytes: int = 5 << 30,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     side_files_from: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
 ) -> Path:

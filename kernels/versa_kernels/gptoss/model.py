@@ -147,6 +147,8 @@ class Attention(nn.Module):
 
 
 class Router(nn.Module):
+    """Router weight [E, D] and bias [E] (the bias is what pruning-by-masking overrides)."""
+
     def __init__(self, num_experts: int, hidden: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
@@ -165,6 +167,8 @@ class Experts(nn.Module):
 
 
 class MoeBlock(nn.Module):
+    """Router + experts of one layer; `forward` is the grouped path, `reference` the plain loop."""
+
     def __init__(self, config: GptOssConfig, num_experts: int) -> None:
         super().__init__()
         self.num_experts = num_experts
