@@ -109,7 +109,10 @@ def _error_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int,
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["wait", "--timeout", "soon"], "--timeout: invalid float value: 'soon'"),
         (["kill", "--grace", "-1"], "--grace"),
-        (["--ssh", "me@host", "--task", "validate_expert_math_toy"], "--ssh"),
+        (
+            ["submit", "--task", "decode_bench", "--notebook", "x.ipynb"],
+            "exactly one of --task TASK or --notebook PATH",
+        ),
         (["--url", "http://a", "--url-file", "f", "doctor"], "--url"),
     ],
 )

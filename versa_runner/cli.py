@@ -109,6 +109,7 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: global options, verbs in workflow order, each with Examples."""
     common = _common_options()
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
@@ -239,6 +240,7 @@ class Context:
         return LocalBackend(self.output_dir)
 
     def backend_for(self, record: runs.RunRecord) -> Backend:
+        """The backend a journaled run lives on (remote ones need the URL again)."""
         if record.backend == "local":
             return LocalBackend(record.root)
         if record.backend == "jupyter":
@@ -275,12 +277,14 @@ class Context:
                               remote_root=getattr(a, "remote_root", None) or ssh.DEFAULT_REMOTE_ROOT)  # fmt: skip
 
     def record(self, ref: str | None) -> runs.RunRecord:
+        """Resolve RUN in the journal and register its secrets' current values for redaction."""
         record = runs.resolve_run(self.output_dir, ref)
         for value in secret_values_from_env(record.secret_names):
             self.out.redact.add(value)
         return record
 
     def remember(self, record: runs.RunRecord, status: RunStatus) -> None:
+        """Store the last seen status in the run's journal entry."""
         record.last_status = {"state": status.state.value, "exit_code": status.exit_code}
         runs.save_record(self.output_dir, record)
 
@@ -300,6 +304,7 @@ def _outcome(record: runs.RunRecord, status: RunStatus) -> int:
 
 
 def cmd_submit(ctx: Context) -> int:
+    """Validate, stage and launch a task or notebook; detach, or follow to the end."""
     a = ctx.args
     if a.help:
         ctx.out.text(tasks.task_help(tasks.get_task(a.task)) if a.task else a.help_text())
@@ -392,6 +397,7 @@ def _follow(
 
 
 def cmd_status(ctx: Context) -> int:
+    """Show one run's derived state, exit code and progress."""
     record = ctx.record(ctx.args.run)
     with ctx.backend_for(record) as backend:
         status = lifecycle.read_status(backend, record)
@@ -401,6 +407,7 @@ def cmd_status(ctx: Context) -> int:
 
 
 def cmd_logs(ctx: Context) -> int:
+    """Print run.log (whole, --tail N lines, and/or --follow until the run ends)."""
     a = ctx.args
     record = ctx.record(a.run)
     with ctx.backend_for(record) as backend:
@@ -421,6 +428,7 @@ def cmd_logs(ctx: Context) -> int:
 
 
 def cmd_wait(ctx: Context) -> int:
+    """Block until the run ends; exit with its outcome (124 on --timeout)."""
     record = ctx.record(ctx.args.run)
     with ctx.backend_for(record) as backend:
         status = lifecycle.wait(backend, record, timeout_s=ctx.args.timeout)
@@ -432,6 +440,7 @@ def cmd_wait(ctx: Context) -> int:
 
 
 def cmd_sync(ctx: Context) -> int:
+    """Bring the run's outputs home (only what changed, verified)."""
     a = ctx.args
     record = ctx.record(a.run)
     only = [item.strip() for item in a.only.split(",") if item.strip()]
@@ -448,6 +457,7 @@ def cmd_sync(ctx: Context) -> int:
 
 
 def cmd_kill(ctx: Context) -> int:
+    """End the run's process group (SIGTERM, grace, SIGKILL); records `killed`."""
     a = ctx.args
     if a.grace < 0:
         raise UsageError(f"--grace: expected seconds >= 0, got {a.grace:g}")
@@ -464,6 +474,7 @@ def cmd_kill(ctx: Context) -> int:
 
 
 def cmd_list(ctx: Context) -> int:
+    """List journal runs, newest first (local runs refreshed)."""
     records = runs.list_records(ctx.output_dir)
     for record in records:  # local runs are cheap to refresh; remote ones show the last seen state
         if record.backend == "local" and not record.last_status.get("exit_code") == 0:
@@ -474,6 +485,7 @@ def cmd_list(ctx: Context) -> int:
 
 
 def cmd_doctor(ctx: Context) -> int:
+    """Check the target (python, papermill, disk, GPUs) without starting a run."""
     with ctx.target_backend() as backend:
         if backend.name == "jupyter":  # per-check report: reachable, auth, kernel, python, ...
             return _jupyter_doctor(ctx, backend)

@@ -155,6 +155,7 @@ class Launcher:
         self.log.write(f"{LOG_PREFIX} {utc_now()} {text}\n".encode())
 
     def write_status(self, **fields: object) -> None:
+        """Merge `fields` into status.json and rewrite it atomically."""
         self.status.update(fields)
         atomic_write(self._path(STATUS_FILE), json.dumps(self.status, indent=2, sort_keys=True))
 
@@ -208,6 +209,7 @@ class Launcher:
         return secrets
 
     def job_env(self, secrets: dict[str, str]) -> dict[str, str]:
+        """The job's environment: ours, launch.json `env`, PYTHONPATH entries, then secrets."""
         env = dict(os.environ)
         env.update({str(k): str(v) for k, v in dict(self.config.get("env", {})).items()})
         extra = [str(p) for p in self.config.get("pythonpath", [])]
@@ -219,6 +221,7 @@ class Launcher:
         return env
 
     def on_signal(self, signum: int, _frame: object) -> None:
+        """Record a stop request; the supervise loop acts on it (never work in a handler)."""
         self.stop_signal = signum
 
     def run_bootstrap(self, env: dict[str, str], cwd: str) -> bool:
@@ -254,6 +257,7 @@ class Launcher:
         return True
 
     def papermill_argv(self, cwd: str) -> list[str]:
+        """The papermill command line (versa_spec §8.5); secrets never appear in it."""
         argv = [
             sys.executable, "-m", "papermill",
             self._path("input.ipynb"), self._path("output.ipynb"),
@@ -310,6 +314,7 @@ class Launcher:
 
     def run(self) -> int:
         # Handlers first: a kill that lands while status.json is being written is still recorded.
+        """Run the job start to finish; returns the exit code it recorded."""
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
         cwd = str(self.config.get("cwd") or os.getcwd())

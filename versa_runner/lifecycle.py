@@ -157,6 +157,7 @@ def executed_notebook_relpath(run_id: str, task: str) -> str:
 
 
 def run_dir_of(run_id: str) -> str:
+    """The run directory, relative to the target root."""
     return f"{RUNS_DIR}/{run_id}"
 
 
@@ -187,6 +188,7 @@ def preflight(backend: Backend, *, min_free_gb: float) -> dict[str, Any]:
 
 
 def params_hash(params: dict[str, Any]) -> str:
+    """Short sha256 of the parameters (journaled instead of the values)."""
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -63,6 +63,7 @@ class Output:
             self.stream.flush()
 
     def emit_json(self, obj: dict[str, Any]) -> None:
+        """One JSON object on one line (redacted like everything else)."""
         self.stream.write(self.redact(json.dumps(obj, sort_keys=True)) + "\n")
         self.stream.flush()
 
@@ -82,6 +83,7 @@ class Output:
         self.stream.flush()
 
     def submitted(self, record: RunRecord, *, detached: bool) -> None:
+        """Announce a submitted run (plus the follow-up commands when detached)."""
         if self.json_mode:
             self.emit_json({"run_id": record.run_id, "task": record.task, "target": record.target,
                             "run_dir": record.run_dir, "secret_names": record.secret_names,
@@ -102,6 +104,7 @@ class Output:
             self._line(f"  {command}", style="cyan")
 
     def interrupted(self, run_id: str) -> None:
+        """Ctrl-C while following: the job is untouched; say how to get back to it."""
         self.info(f"stopped following; run {run_id} keeps running on its target")
         if not self.json_mode:
             self.err_stream.write(
@@ -109,6 +112,7 @@ class Output:
             )
 
     def status(self, record: RunRecord, status: RunStatus) -> None:
+        """A run's state, exit code, progress (cell k of N), elapsed and heartbeat age."""
         if self.json_mode:
             self.emit_json({"run_id": record.run_id, "task": record.task, **status.to_json()})
             return
@@ -135,6 +139,7 @@ class Output:
             self._line(f"  heartbeat {status.heartbeat_age_s:.0f} s ago")
 
     def run_list(self, records: list[RunRecord]) -> None:
+        """One line per journaled run, newest first."""
         if self.json_mode:
             self.emit_json({"runs": [{"run_id": r.run_id, "task": r.task, "target": r.target,
                                       "last_state": r.last_status.get("state")} for r in records]})  # fmt: skip
@@ -145,6 +150,7 @@ class Output:
             self._line(f"{r.run_id}  {r.task:<36} {r.last_status.get('state', '?'):<16} {r.target}")
 
     def synced(self, result: SyncResult) -> None:
+        """What a sync transferred and where the executed notebook is."""
         if self.json_mode:
             self.emit_json({"transferred": result.transferred, "skipped": len(result.skipped),
                             "bytes_transferred": result.bytes_transferred,
@@ -156,6 +162,7 @@ class Output:
             self._line(f"executed notebook: {result.notebook_copy}")
 
     def mapping(self, title: str, values: dict[str, Any]) -> None:
+        """A titled key/value block (doctor)."""
         if self.json_mode:
             self.emit_json(values)
             return
@@ -164,6 +171,7 @@ class Output:
             self._line(f"  {key}: {value}")
 
     def text(self, text: str) -> None:
+        """Plain text (help screens)."""
         self._line(text)
 
     def error(self, error: VersaRunError) -> None:

@@ -49,10 +49,12 @@ class RunRecord:
     schema_version: int = JOURNAL_SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
+        """The entry as a JSON-ready dict."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunRecord:
+        """Read an entry, ignoring keys a newer version added."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -64,6 +66,7 @@ def journal_home(output_dir: str | os.PathLike[str]) -> Path:
 
 
 def record_path(output_dir: str | os.PathLike[str], run_id: str) -> Path:
+    """Path of a run's journal entry."""
     return journal_home(output_dir) / "runs" / f"{run_id}.json"
 
 
@@ -73,6 +76,7 @@ def save_record(output_dir: str | os.PathLike[str], record: RunRecord) -> None:
 
 
 def load_record(output_dir: str | os.PathLike[str], run_id: str) -> RunRecord:
+    """Read one run's journal entry."""
     with open(record_path(output_dir, run_id), encoding="utf-8") as fh:
         return RunRecord.from_json(json.load(fh))
 
@@ -86,6 +90,7 @@ def list_run_ids(output_dir: str | os.PathLike[str]) -> list[str]:
 
 
 def list_records(output_dir: str | os.PathLike[str]) -> list[RunRecord]:
+    """All journal entries, oldest first."""
     return [load_record(output_dir, run_id) for run_id in list_run_ids(output_dir)]
 
 

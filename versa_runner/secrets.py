@@ -54,6 +54,7 @@ class JobEnvironment:
 
     @property
     def secret_names(self) -> list[str]:
+        """Names (never values) of the secrets, sorted: safe to journal and print."""
         return sorted(self.secrets)
 
 

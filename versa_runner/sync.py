@@ -150,6 +150,7 @@ def remote_manifest(
 
 
 def load_local_manifest(dest_root: Path) -> dict[str, Any]:
+    """The destination's `.versa_manifest.json` (path -> sha256, size, mtime), or {}."""
     path = dest_root / LOCAL_MANIFEST
     if not path.exists():
         return {}

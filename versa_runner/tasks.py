@@ -91,6 +91,7 @@ class Task:
         return (notebooks_dir or NOTEBOOKS_DIR) / f"{self.notebook}.ipynb"
 
     def param(self, flag: str) -> Param | None:
+        """The parameter with this flag, or None."""
         return next((p for p in self.params if p.flag == flag), None)
 
 

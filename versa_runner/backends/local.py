@@ -38,9 +38,11 @@ class LocalBackend:
         self.close()
 
     def describe(self) -> str:
+        """`local:<root>` (nothing secret on this target)."""
         return f"local:{self._root}"
 
     def root(self) -> str:
+        """The output directory, absolute."""
         return self._root.as_posix()
 
     def _resolve(self, path: str) -> Path:
@@ -52,10 +54,12 @@ class LocalBackend:
         return self._root.joinpath(*relative.parts)
 
     def put_bytes(self, path: str, data: bytes, *, mode: int | None = None) -> None:
+        """Atomic write under the root."""
         with _translate_os_errors(path):
             atomic_write_bytes(self._resolve(path), data, mode=mode)
 
     def put_file(self, local_path: Path, path: str, *, progress: ProgressFn | None = None) -> None:
+        """Copy a file under the root, sha256-verified, renamed into place."""
         target = self._resolve(path)
         with _translate_os_errors(path):
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +75,7 @@ class LocalBackend:
             progress(target.stat().st_size)
 
     def read_bytes(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes | None:
+        """Bytes from `offset` (None when the file does not exist)."""
         target = self._resolve(path)
         with _translate_os_errors(path):
             try:
@@ -83,6 +88,7 @@ class LocalBackend:
     def download(
         self, path: str, dest: Path, *, offset: int = 0, progress: ProgressFn | None = None
     ) -> None:
+        """Append the source's bytes from `offset` to `dest` (resume semantics)."""
         source = self._resolve(path)
         with _translate_os_errors(path):
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +101,7 @@ class LocalBackend:
                         progress(len(chunk))
 
     def stat(self, path: str) -> RemoteStat | None:
+        """Size and mtime, or None."""
         target = self._resolve(path)
         try:
             info = target.stat()
@@ -103,6 +110,7 @@ class LocalBackend:
         return RemoteStat(size_bytes=info.st_size, mtime=info.st_mtime)
 
     def run_python(self, code: str, *, timeout_s: float) -> str:
+        """Run a snippet in `sys.executable -` with the code on stdin; returns stdout."""
         self._check_open()
         with _translate_os_errors(self.root()):
             self._root.mkdir(parents=True, exist_ok=True)  # a fresh --output-dir is the root
@@ -121,6 +129,7 @@ class LocalBackend:
         return result.stdout
 
     def close(self) -> None:
+        """Mark closed; later calls raise RuntimeError."""
         self._closed = True
 
     def _check_open(self) -> None:
