@@ -254,7 +254,7 @@ def test_ctrl_c_stops_following_then_stale_when_the_launcher_dies(tmp_path: Path
 
 def test_secret_reaches_the_job_and_nothing_else(tmp_path: Path) -> None:
     secret = "s3cr3t-VALUE-4c1d2e"
-    env = runner_env(tmp_path, VERSA_TEST_SECRET=secret)
+    env = runner_env(tmp_path, VERSA_TEST_SECRET=secret, OTHER_API_KEY="not-requested-1234")
     submitted = cli(
         [
             "submit",
@@ -280,6 +280,9 @@ def test_secret_reaches_the_job_and_nothing_else(tmp_path: Path) -> None:
     waited = cli(["wait", run_id], tmp_path, env)
     assert waited.returncode == 0, (rd / "run.log").read_text()  # the secret did reach the job
     assert "SECRET_PRESENT length 19" in (rd / "run.log").read_text()
+    # only requested secrets reach the job, and only through secrets.env (the local target
+    # scrubs secret-looking variables from the inherited environment)
+    assert "OTHER_API_KEY absent" in (rd / "run.log").read_text()
     assert not (rd / "secrets.env").exists()  # deleted by the launcher after reading
     assert len(seen_ps) >= 2 and not any(secret in text for text in seen_ps)
     journal = tmp_path / ".versa_runner" / "runs" / f"{run_id}.json"

@@ -60,7 +60,8 @@ NOTEBOOKS = {
         "import os\n"
         "value = os.environ.get(secret_name, '')\n"
         "assert value, f'{secret_name} did not reach the job'\n"
-        "print('SECRET_PRESENT length', len(value))",
+        "print('SECRET_PRESENT length', len(value))\n"
+        "print('OTHER_API_KEY', 'present' if 'OTHER_API_KEY' in os.environ else 'absent')",
     ),
 }
 

@@ -3,7 +3,7 @@
 It speaks the same transport primitives as every other target, so the run lifecycle above it
 is the one remote runs use: files are written atomically under the root, and Python snippets
 run in a fresh `sys.executable -` process with the code on stdin (never in argv, so `ps` shows
-nothing a snippet carries). The job's working directory is the root itself, which is why syncing
+nothing a snippet carries) and an environment without secrets (`scrubbed_environment`). The job's working directory is the root itself, which is why syncing
 a local run transfers nothing.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from versa_runner.backends.base import ProgressFn, RemoteStat
 from versa_runner.errors import TargetError, TransferError, UnsafePathError
 from versa_runner.fsutil import CHUNK_BYTES, atomic_write_bytes, sha256_file
+from versa_runner.secrets import is_never_forwarded, is_secret_name
 
 
 class LocalBackend:
@@ -117,7 +118,7 @@ class LocalBackend:
         try:
             result = subprocess.run(
                 [sys.executable, "-"], input=code, capture_output=True, text=True,
-                cwd=self._root, timeout=timeout_s, check=False,
+                cwd=self._root, timeout=timeout_s, check=False, env=scrubbed_environment(),
             )  # fmt: skip
         except subprocess.TimeoutExpired as exc:
             raise TargetError(f"local snippet did not finish within {timeout_s:.0f} s") from exc
@@ -135,6 +136,16 @@ class LocalBackend:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("LocalBackend used after close()")
+
+
+def scrubbed_environment() -> dict[str, str]:
+    """This process's environment minus secrets: snippets (and the jobs they launch) get a
+    secret only through `--secret NAME` and secrets.env, exactly as on a remote target."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if not is_secret_name(name) and not is_never_forwarded(name, value)
+    }
 
 
 @contextmanager
