@@ -120,18 +120,35 @@ def test_raising_cell_fails_no_detach_with_evidence(tmp_path: Path) -> None:
     assert "cell 3/5 completed; cell 4 failed" in status.stdout
 
 
-def test_sys_exit_1_is_a_failure(tmp_path: Path) -> None:
+def test_exit_codes_of_sys_exit_and_a_dead_kernel(tmp_path: Path) -> None:
+    """papermill's semantics, recorded faithfully: sys.exit(1) fails (1), sys.exit(0) ends the
+    notebook early and succeeds, a dying kernel fails with 138. Submitted together to save time."""
     env = runner_env(tmp_path)
+    expected = {
+        "sysexit1": ("failed", 1),
+        "sysexit0": ("succeeded", 0),
+        "deadkernel": ("failed", 138),
+    }
+    for name in expected:
+        (tmp_path / name).mkdir()
+        submitted = cli(
+            ["submit", "--notebook", str(TEST_NOTEBOOKS / f"{name}.ipynb")], tmp_path / name, env
+        )
+        assert submitted.returncode == 0, submitted.stderr
+    for name, (state, code) in expected.items():
+        out_dir = tmp_path / name
+        run_id = only_run_id(out_dir)
+        waited = cli(["wait", run_id, "--timeout", "120"], out_dir, env, timeout_s=150)
+        assert waited.returncode == code, (name, waited.stdout, waited.stderr)
+        assert read_status(out_dir, run_id)["state"] == state
+        assert (run_dir(out_dir, run_id) / "exit_code").read_text().strip() == str(code)
     assert (
-        cli(
-            ["submit", "--notebook", str(TEST_NOTEBOOKS / "sysexit1.ipynb")], tmp_path, env
-        ).returncode
-        == 0
+        "AFTER_EXIT_0"
+        not in (
+            run_dir(tmp_path / "sysexit0", only_run_id(tmp_path / "sysexit0")) / "run.log"
+        ).read_text()
     )
-    run_id = only_run_id(tmp_path)
-    waited = cli(["wait", run_id, "--timeout", "90"], tmp_path, env)
-    assert waited.returncode == 1 and "failed" in waited.stderr
-    assert (run_dir(tmp_path, run_id) / "exit_code").read_text().strip() != "0"
+    assert "DeadKernelError" in cli(["logs", "--tail", "40"], tmp_path / "deadkernel", env).stdout
 
 
 def _start_sleeper(tmp_path: Path, env: dict[str, str], seconds: int) -> tuple[str, list[int]]:

@@ -1,8 +1,8 @@
 """Regenerate the tiny failure-mode notebooks the runner tests use (`python make_notebooks.py`).
 
 Each notebook exercises one behaviour of the run protocol: success with outputs, a raising
-cell, `sys.exit(1)`, a long sleep with a child process (kill / detach), reading a secret from the
-environment. Kept as code so reviewers read the cells here, not in JSON.
+cell, `sys.exit(1)`, `sys.exit(0)`, a kernel that dies, a long sleep with a child process (kill /
+detach), reading a secret from the environment. Kept as code so reviewers read the cells here, not in JSON.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ NOTEBOOKS = {
         "print('never printed')",
     ),
     "sysexit1": _notebook('run_id = ""', "import sys\nsys.exit(1)"),
+    "sysexit0": _notebook('run_id = ""', "import sys\nsys.exit(0)", "print('AFTER_EXIT_0')"),
+    "deadkernel": _notebook('run_id = ""', "import os\nos._exit(9)", "print('never printed')"),
     "sleep": _notebook(
         'seconds = 300\nrun_id = ""\npid_file = "artifacts/sleep_pids.txt"',
         "import os\nimport pathlib\nimport subprocess\n\n"
