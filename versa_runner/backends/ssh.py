@@ -56,6 +56,7 @@ KNOWN_HOSTS = "~/.ssh/known_hosts"
 CONNECT_TIMEOUT_S = 20.0
 KEEPALIVE_S = 15  # keeps NAT/firewall state alive while a follower sits between polls
 HASH_TIMEOUT_S = 600.0
+READ_BACK_MAX_BYTES = 1 << 20  # uploads up to this size are verified by reading them back
 EXEC_POLL_S = 0.01
 STDERR_TAIL_LINES = 3
 
@@ -212,7 +213,8 @@ class SshBackend:
     def run_python(self, code: str, *, timeout_s: float) -> str:
         """Run `code` with `<python> -` in the root (code on stdin) and return its stdout."""
         root = shlex.quote(self.root())
-        command = f"mkdir -p -- {root} && cd -- {root} && exec {shlex.quote(self.python)} -"
+        enter_root = f"{{ cd -- {root} 2>/dev/null || {{ mkdir -p -- {root} && cd -- {root}; }}; }}"
+        command = f"{enter_root} && exec {shlex.quote(self.python)} -"
         with self._boundary("run a snippet"):
             channel = self._connection().get_transport().open_session()  # type: ignore[union-attr]
             try:
@@ -348,8 +350,7 @@ class SshBackend:
                         out.write(block)
                         if progress is not None:
                             progress(len(block))
-                remote = self._remote_sha256(tmp)
-                if remote != sha256:
+                if self._written_sha256(tmp, out_size=source.tell()) != sha256:
                     raise TransferError(f"upload of {path} did not verify (sha256 mismatch)")
                 sftp.posix_rename(tmp, final)
             except BaseException:
@@ -362,6 +363,15 @@ class SshBackend:
                 self._sftp_client.remove(full_path)
         except (OSError, EOFError, paramiko.SSHException) as exc:
             log.debug("could not remove temporary %s: %s", full_path, exc)
+
+    def _written_sha256(self, full_path: str, *, out_size: int) -> str:
+        """sha256 of what landed on the host. Small files are read back over SFTP and hashed
+        here: same check, without starting an interpreter on the host (~0.4 s per snippet,
+        measured on the loopback sshd); larger ones are hashed by a snippet on the host."""
+        if out_size <= READ_BACK_MAX_BYTES:
+            with self._sftp().open(full_path, "rb") as fh:
+                return hashlib.sha256(fh.read()).hexdigest()
+        return self._remote_sha256(full_path)
 
     def _remote_sha256(self, full_path: str) -> str:
         code = (
