@@ -1,23 +1,19 @@
 """The SSH target: any host reachable with OpenSSH, driven through paramiko.
 
-Transport only (see `backends.base`). Files move over SFTP: uploads go to `<name>.<hex>.part`,
-are checked by a sha256 snippet on the target (OpenSSH has no SFTP `check-file` extension,
-orchestration_anchors §5.2), then renamed with `posix-rename@openssh.com`; downloads seek to
-the resume offset and prefetch from there. `run_python` execs `<python> -` in the target root
-with the snippet written to the channel's stdin, so no snippet ever shows in a remote `ps`.
-The job outlives this connection because the launch snippet starts the launcher in its own
-process session (lifecycle), not because of anything here.
-
-Host keys: `~/.ssh/known_hosts` decides. An unknown host is refused unless the user asked for
-`accept_new` (OpenSSH's `StrictHostKeyChecking=accept-new`: learn a new host, never a changed
-key); nothing is ever added silently. A dropped connection is reported as UnreachableError
-once and re-opened by the next call, so a follower polling status rides over it.
+Transport only (see `backends.base`); where the host is and whether to trust its key is
+`backends.ssh_target`. Files move over SFTP: uploads go to `<name>.<hex>.part`, are checked by
+sha256 (small files read back over SFTP, larger ones hashed by a snippet on the host: OpenSSH
+has no SFTP `check-file` extension, orchestration_anchors §5.2), then renamed with
+`posix-rename@openssh.com`; downloads seek to the resume offset and prefetch from there.
+`run_python` execs `<python> -` in the target root with the snippet written to the channel's
+stdin, so no snippet ever shows in a remote `ps`. The job outlives this connection because the
+launch snippet starts the launcher in its own process session (lifecycle), not because of
+anything here. A connection that drops is re-opened by the next call (read-only calls retry
+once), so a follower polling status rides over it.
 """
 
 from __future__ import annotations
 
-import base64
-import getpass
 import hashlib
 import io
 import logging
@@ -28,20 +24,26 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, TypeVar
 
 import paramiko
 
 from versa_runner.backends.base import SENTINEL, ProgressFn, RemoteStat
+from versa_runner.backends.ssh_target import (
+    AUTH_HINT,
+    UNKNOWN_HOST_HINT,
+    SshTarget,
+    UnknownHostKey,
+    open_client,
+    parse_ssh_spec,
+)
 from versa_runner.errors import (
     AuthError,
     TargetError,
     TransferError,
     UnreachableError,
     UnsafePathError,
-    UsageError,
     VersaRunError,
 )
 from versa_runner.fsutil import CHUNK_BYTES
@@ -49,69 +51,12 @@ from versa_runner.fsutil import CHUNK_BYTES
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-DEFAULT_PORT = 22
 DEFAULT_REMOTE_ROOT = "~/versa_work"
 DEFAULT_PYTHON = "python3"
-KNOWN_HOSTS = "~/.ssh/known_hosts"
-CONNECT_TIMEOUT_S = 20.0
-KEEPALIVE_S = 15  # keeps NAT/firewall state alive while a follower sits between polls
 HASH_TIMEOUT_S = 600.0
 READ_BACK_MAX_BYTES = 1 << 20  # uploads up to this size are verified by reading them back
 EXEC_POLL_S = 0.01
 STDERR_TAIL_LINES = 3
-
-AUTH_HINT = (
-    "Check the user and --ssh-key (its public half must be in the host's authorized_keys); "
-    "an encrypted key reads its passphrase from VERSA_SSH_PASSPHRASE."
-)
-UNKNOWN_HOST_TEMPLATE = (
-    "host key of {host} ({key_type} {fingerprint}) is not in {known_hosts}; refusing to connect"
-)
-UNKNOWN_HOST_HINT = (
-    "Verify that fingerprint out of band, then rerun once with --ssh-accept-new "
-    "(or add the host with `ssh-keyscan -p PORT HOST >> ~/.ssh/known_hosts`)."
-)
-
-
-@dataclass(frozen=True)
-class SshTarget:
-    """Where to connect and how to authenticate; the passphrase is never shown."""
-
-    host: str
-    user: str
-    port: int = DEFAULT_PORT
-    key_file: Path | None = None
-    passphrase: str | None = field(default=None, repr=False)
-    accept_new: bool = False
-    known_hosts: Path = field(default_factory=lambda: Path(KNOWN_HOSTS).expanduser())
-
-    @property
-    def described(self) -> str:
-        return f"ssh:{self.user}@{self.host}:{self.port}"
-
-
-def parse_ssh_spec(spec: str, *, port: int | None = None) -> tuple[str, str, int]:
-    """`[user@]host[:port]` (or a journal's `ssh:user@host:port`) -> (user, host, port).
-
-    `port` (from --ssh-port) must agree with a port in the spec when both are given.
-    """
-    text = spec.strip().removeprefix("ssh:")
-    user, at, hostport = text.rpartition("@")
-    user = user if at else getpass.getuser()
-    host, colon, port_text = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
-    spec_port = None
-    if colon:
-        if not port_text.isdigit():
-            raise UsageError(f"--ssh: expected user@host[:port], got {spec!r}")
-        spec_port = int(port_text)
-    if not host or not user or any(c.isspace() for c in text):
-        raise UsageError(f"--ssh: expected user@host[:port], got {spec!r}")
-    if spec_port is not None and port is not None and spec_port != port:
-        raise UsageError(f"--ssh says port {spec_port} but --ssh-port says {port}; give one")
-    chosen = port if port is not None else spec_port if spec_port is not None else DEFAULT_PORT
-    if not 1 <= chosen <= 65535:
-        raise UsageError(f"--ssh-port: expected a port 1..65535, got {chosen}")
-    return user, host, chosen
 
 
 class SshBackend:
@@ -276,23 +221,7 @@ class SshBackend:
         if transport is not None and transport.is_active():
             return self._client  # type: ignore[return-value]
         self._drop_connection()
-        t = self.target
-        client = paramiko.SSHClient()
-        if t.known_hosts.exists():
-            client.load_host_keys(str(t.known_hosts))
-        policy = (
-            _AcceptNewHost(t.known_hosts) if t.accept_new else _RefuseUnknownHost(t.known_hosts)
-        )
-        client.set_missing_host_key_policy(policy)
-        log.debug("connecting to %s", t.described)
-        client.connect(
-            t.host, port=t.port, username=t.user,
-            key_filename=str(t.key_file) if t.key_file else None, passphrase=t.passphrase,
-            look_for_keys=t.key_file is None, allow_agent=t.key_file is None,
-            timeout=CONNECT_TIMEOUT_S, banner_timeout=CONNECT_TIMEOUT_S,
-            auth_timeout=CONNECT_TIMEOUT_S,
-        )  # fmt: skip
-        client.get_transport().set_keepalive(KEEPALIVE_S)  # type: ignore[union-attr]
+        client = open_client(self.target)
         self._client = client
         return client
 
@@ -393,7 +322,7 @@ class SshBackend:
             yield
         except VersaRunError:
             raise
-        except _UnknownHostKey as exc:
+        except UnknownHostKey as exc:
             raise TargetError(str(exc), hint=UNKNOWN_HOST_HINT) from exc
         except paramiko.BadHostKeyException as exc:
             self._drop_connection()
@@ -438,47 +367,6 @@ def _collect(channel: paramiko.Channel, timeout_s: float) -> tuple[bytes, bytes]
         if time.monotonic() > deadline:
             raise TargetError(f"snippet did not finish within {timeout_s:.0f} s")
         time.sleep(EXEC_POLL_S)
-
-
-class _UnknownHostKey(paramiko.SSHException):
-    """Raised by the host-key policies; translated at the boundary."""
-
-
-def _fingerprint(key: paramiko.PKey) -> str:
-    """OpenSSH's `SHA256:<base64>` form, so it can be compared with `ssh-keygen -lf`."""
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
-
-
-class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
-    def __init__(self, known_hosts: Path) -> None:
-        self.known_hosts = known_hosts
-
-    def missing_host_key(
-        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
-    ) -> None:
-        raise _UnknownHostKey(UNKNOWN_HOST_TEMPLATE.format(
-            host=hostname, key_type=key.get_name(), fingerprint=_fingerprint(key),
-            known_hosts=self.known_hosts))  # fmt: skip
-
-
-class _AcceptNewHost(paramiko.MissingHostKeyPolicy):
-    """OpenSSH's accept-new: remember a host seen for the first time (a changed key still fails,
-    paramiko raises BadHostKeyException before asking a policy)."""
-
-    def __init__(self, known_hosts: Path) -> None:
-        self.known_hosts = known_hosts
-
-    def missing_host_key(
-        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
-    ) -> None:
-        self.known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Append one line rather than rewrite: the user's comments and hashed entries stay.
-        with open(self.known_hosts, "a", encoding="ascii") as fh:
-            fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        log.warning("added %s key %s of %s to %s", key.get_name(), _fingerprint(key), hostname,
-                    self.known_hosts)  # fmt: skip
 
 
 __all__ = ["DEFAULT_REMOTE_ROOT", "SshBackend", "SshTarget", "parse_ssh_spec"]
