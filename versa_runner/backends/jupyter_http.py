@@ -18,6 +18,7 @@ jupyter_server 2.21):
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import random
 import time
@@ -225,11 +226,10 @@ class JupyterHttp:
             number = offset // chunk_bytes + 1
             source.seek(offset)
             block = source.read(chunk_bytes)
-            model: dict[str, object] = {"type": "file", "format": "base64", "content": _b64(block)}
-            if chunks > 1:
-                model["chunk"] = -1 if number == chunks else number
+            body = _chunk_body(block, (-1 if number == chunks else number) if chunks > 1 else None)
             try:
-                self.request("PUT", contents_path(tmp), json=model, ok=(200, 201), idempotent=False)
+                self.request("PUT", contents_path(tmp), data=body, headers=_JSON,
+                             ok=(200, 201), idempotent=False)  # fmt: skip
             except UnreachableError as exc:
                 failures += 1
                 if failures > self.retry.attempts:
@@ -320,6 +320,7 @@ class JupyterHttp:
 
 
 _WS_HEADERS = ("Authorization", "X-XSRFToken")
+_JSON = {"Content-Type": "application/json"}
 _FRESH = {"Cache-Control": "no-cache"}  # a log or status.json from a proxy's cache is a lie
 
 
@@ -350,8 +351,14 @@ def files_path(path: str) -> str:
     return "/files/" + quote(path.lstrip("/"))
 
 
-def _b64(block: bytes) -> str:
-    return base64.b64encode(block).decode("ascii")
+def _chunk_body(block: bytes, chunk: int | None) -> bytes:
+    """The contents-API JSON model of one chunk, built as bytes.
+
+    base64 text never needs JSON escaping, so splicing it in is exact; `json.dumps` of an
+    11 MB string cost ~0.1 s per chunk, a third of the server's own time (measured).
+    """
+    head = {"type": "file", "format": "base64", **({"chunk": chunk} if chunk is not None else {})}
+    return json.dumps(head)[:-1].encode() + b', "content": "' + base64.b64encode(block) + b'"}'
 
 
 def _mtime(model: dict) -> float:
