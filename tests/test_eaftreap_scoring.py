@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 import torch
 from versa_kernels.eaftreap.profile import CalibExample, prepare_examples, profile_experts
-from versa_kernels.eaftreap.scoring import EaftWeights, ExpertAccumulators
+from versa_kernels.eaftreap.scoring import (
+    EaftWeights,
+    ExpertAccumulators,
+    kendall_tau,
+    split_half_tau,
+)
 
 NUM_ROWS = 4
 MAX_SEQ = 80
@@ -127,6 +132,13 @@ def test_accumulators_equal_brute_force_and_the_label_sits_at_the_predicting_pos
 def test_profile_resumes_after_a_crash_with_the_same_result(setup, tmp_path: Path) -> None:
     _, model, examples, _, _ = setup
     clean = _profile(model, examples)
+    # The two half accumulators (even / odd batches) partition the sums exactly.
+    assert np.array_equal(clean.halves[0].count + clean.halves[1].count, clean.acc.count)
+    taus = split_half_tau(clean.halves, "eaft_gate_norm_sum")
+    assert len(taus) == 2 and all(-1.0 <= t <= 1.0 for t in taus)
+    scores = np.array([3.0, 1.0, 2.0, 5.0])
+    assert kendall_tau(scores, scores * 7) == pytest.approx(1.0)
+    assert kendall_tau(scores, -scores) == pytest.approx(-1.0)
     state = tmp_path / "profile_state.pt"
 
     def crash(pass_no: int, done: int, total: int) -> None:

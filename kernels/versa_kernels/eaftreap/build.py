@@ -31,7 +31,7 @@ from versa_kernels.eaftreap.allocation import (
 )
 from versa_kernels.eaftreap.manifest import write_build_outputs
 from versa_kernels.eaftreap.rewrite import check_output_dir
-from versa_kernels.eaftreap.scoring import SCORE_KEYS, EaftWeights
+from versa_kernels.eaftreap.scoring import SCORE_KEYS, EaftWeights, split_half_tau
 from versa_kernels.errors import ParameterError
 
 log = logging.getLogger(__name__)
@@ -275,6 +275,13 @@ def build_pruned(
         "max_tokens_per_row": max_tokens_per_row, "dtype": str(dtype), "device": dev,
         "profile_s": time.monotonic() - started,
     }  # fmt: skip
+    tau = split_half_tau(prof.halves, score_key)
+    meta["rank_stability"] = {
+        "method": "split-half Kendall tau (even vs odd calibration rows)",
+        "score_key": score_key,
+        "tau_by_layer": tau,
+        "tau_mean": float(np.mean(tau)),
+    }
     per_layer = [E] * L
     table = prof.acc.table(per_layer)
     scores = prof.acc.score(score_key)

@@ -40,7 +40,7 @@ from versa_kernels.harmony import completion_mask
 
 log = logging.getLogger(__name__)
 
-STATE_SCHEMA_VERSION = 1
+STATE_SCHEMA_VERSION = 2  # 2: split-half accumulators, tensors only
 LOGIT_CHUNK_TOKENS = 512  # bounds the [N, V] logits block (512 x 201088 x 4 B ~ 0.4 GB)
 
 __all__ = [
@@ -66,6 +66,8 @@ class ProfileResult:
     """Accumulators plus the token statistics of the run (goes into meta and reports)."""
 
     acc: ExpertAccumulators
+    halves: tuple[ExpertAccumulators, ...]
+    """Sums over even and over odd calibration rows, for split-half rank stability."""
     p_lo: float
     h_lo: float
     h_hi: float
@@ -173,7 +175,13 @@ def _load_state(path: Path | None, fp: str) -> dict[str, Any] | None:
     if path is None or not path.is_file():
         return None
     # weights_only: a state file synced from elsewhere must not be able to run code on load.
-    state = _to_arrays(torch.load(path, weights_only=True))
+    try:
+        state = _to_arrays(torch.load(path, weights_only=True))
+    except Exception as exc:  # torch raises several types for foreign or truncated files
+        log.warning(
+            "ignoring unreadable profile state %s (%s); profiling from the start", path, exc
+        )
+        return None
     if state.get("schema_version") != STATE_SCHEMA_VERSION or state.get("fingerprint") != fp:
         log.warning("ignoring profile state %s: it belongs to different inputs", path)
         return None
@@ -254,24 +262,32 @@ def _accumulate_pass(model: Any, batches: list, state: dict, ctx: dict, thr: Any
     """Pass 2: EAFT-weighted REAP sums from the forward's MoE traces (label at position t)."""
     weights, device = ctx["weights"], ctx["device"]
     acc = ExpertAccumulators.from_state(state["acc"])
+    # Even and odd calibration rows feed two half accumulators: split-half rank stability of
+    # the ranking (spec §11.1 #1 asks for it; the original ranked from 16k tokens unchecked).
+    halves = [ExpertAccumulators.from_state(h) for h in state["halves"]]
+    first_row = np.cumsum([0] + [len(b) for b in batches])
     progress = _Progress(2, len(batches), state["done"])
     for i in range(state["done"], len(batches)):
         ids, flat = pad_batch(batches[i], ctx["pad_id"])
         _, w = weights.token_weights(
             torch.from_numpy(state["p"][i]), torch.from_numpy(state["h"][i]), thr
         )  # w: [N] weight of the prediction made at each scored position
+        odd = ((int(first_row[i]) + flat // ids.shape[1]) % 2).bool()  # [N] row parity
         out = model(ids.to(device), collect_moe=True)
         fdev = flat.to(device)
         for trace in out.moe:
-            acc.add(
-                trace.layer,
+            idx, gates, norms = (
                 trace.indices[fdev],  # [N, K]
                 trace.gates[fdev],  # [N, K]
                 trace.expert_out_norm[fdev],  # [N, K]
-                w,
             )
+            acc.add(trace.layer, idx, gates, norms, w)
+            for half, sel in ((halves[0], ~odd), (halves[1], odd)):
+                s = sel.to(idx.device)
+                half.add(trace.layer, idx[s], gates[s], norms[s], w[sel])
         state["done"] = i + 1
         state["acc"] = acc.state()
+        state["halves"] = [h.state() for h in halves]
         ctx["saver"].maybe(state, len(batches))
         progress.step(state["done"], int(ids.numel()))
         if ctx["on_batch"] is not None:
@@ -315,6 +331,7 @@ def profile_experts(
         "p": [],
         "h": [],
         "acc": ExpertAccumulators.zeros(num_layers, num_experts).state(),
+        "halves": [ExpertAccumulators.zeros(num_layers, num_experts).state() for _ in range(2)],
     }
     resumed_from = (state["pass"] - 1) * len(batches) + state["done"]
     if resumed_from:
@@ -356,6 +373,7 @@ def profile_experts(
     done_now = 2 * len(batches) - min(resumed_from, 2 * len(batches))
     return ProfileResult(
         acc=ExpertAccumulators.from_state(state["acc"]),
+        halves=tuple(ExpertAccumulators.from_state(h) for h in state["halves"]),
         tokens_per_s=tokens * done_now / max(len(batches), 1) / elapsed,
         resumed_from_batch=resumed_from,
         **state["summary"],

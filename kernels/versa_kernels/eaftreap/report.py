@@ -51,6 +51,12 @@ def write_build_report(reports_dir: Path, manifest: dict[str, Any], plots: list[
         f"- profiling throughput: {prof['tokens_per_s']:.1f} tok/s on {prof['device']} "
         f"({prof['profile_s']:.1f} s incl. load)",
     ]
+    if "rank_stability" in prof:
+        taus = ", ".join(f"{t:.2f}" for t in prof["rank_stability"]["tau_by_layer"])
+        lines.append(
+            f"- ranking stability (split-half Kendall tau, 1 = identical): mean "
+            f"{prof['rank_stability']['tau_mean']:.3f}; per layer {taus}"
+        )
     for name, v in manifest["variants"].items():
         lines += [
             "",

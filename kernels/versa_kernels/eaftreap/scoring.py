@@ -58,7 +58,14 @@ selection frequency ``count``, and the other accumulators (totals, or ``*_mean``
 
 MEAN_KEYS = {"saliency_mean": "gate_norm_sum", "eaft_saliency_mean": "eaft_gate_norm_sum"}
 
-__all__ = ["MEAN_KEYS", "SCORE_KEYS", "EaftWeights", "ExpertAccumulators"]
+__all__ = [
+    "MEAN_KEYS",
+    "SCORE_KEYS",
+    "EaftWeights",
+    "ExpertAccumulators",
+    "kendall_tau",
+    "split_half_tau",
+]
 
 
 @dataclass(frozen=True)
@@ -178,6 +185,24 @@ class ExpertAccumulators:
                 row["eaft_saliency_mean"] = self.eaft_gate_norm_sum[layer, e] / hits
                 rows.append(row)
         return rows
+
+
+def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
+    """Kendall's tau-a between two score vectors (pairs tied in either count as neither)."""
+    da = np.sign(a[:, None] - a[None, :])  # [E, E]
+    db = np.sign(b[:, None] - b[None, :])  # [E, E]
+    n = len(a)
+    return float((da * db).sum() / max(n * (n - 1), 1))
+
+
+def split_half_tau(halves: tuple[ExpertAccumulators, ...], key: str) -> list[float]:
+    """Per layer: how well the ranking from one half of the rows predicts the other half's.
+
+    1.0 means both halves rank the experts identically; near 0 means the calibration set is too
+    small for the ranking to mean much (the original profiler's 16k-token rankings, spec §11.1).
+    """
+    first, second = (h.score(key) for h in halves)
+    return [kendall_tau(first[layer], second[layer]) for layer in range(first.shape[0])]
 
 
 CLASS_NAMES = {CLASS_GOOD: "good", CLASS_CONFLICT: "conflict", CLASS_UNCERTAIN: "uncertain"}
