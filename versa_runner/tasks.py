@@ -284,7 +284,8 @@ def _build_params(*, keep_frac: Param, layout_default: str) -> tuple[Param, ...]
         Param("--eaft-weight-uncertain", "float", 0.25, "token weight of uncertain tokens"),
         Param("--out-dir", "str", "", "pruned checkpoint directory (default under artifacts/)"),
         Param("--overwrite", "bool", False, "replace an existing --out-dir"),
-        Param("--max-tokens-per-row", "int", 128, "completion tokens scored per row", **_TOKENS),
+        Param("--max-tokens-per-row", "int", 0, "cap on completion tokens scored per row "
+              "(0 = score every completion token)", low=0, high=1_048_576),
     )
 
 
