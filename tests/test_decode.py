@@ -79,3 +79,19 @@ def test_missing_engine_is_refused() -> None:
         pytest.skip("sglang or vllm is installed here")
     with pytest.raises(ParameterError, match="not installed"):
         pick_engine("vllm")
+
+
+def test_decode_bench_task_through_versa_run(tiny_dir, tmp_path) -> None:
+    from runner_support import cli, runner_env
+
+    result = cli(
+        ["--output-dir", str(tmp_path), "--task", "decode_bench", "--name", "tiny",
+         "--model-path", str(tiny_dir), "--prompt-len", "8", "--max-new-tokens", "3",
+         "--batch-sizes", "1,2", "--engine", "native", "--repeats", "1", "--no-detach"],
+        cwd=tmp_path, env=runner_env(tmp_path), timeout_s=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    saved = json.loads((tmp_path / "artifacts" / "decode_bench" / "tiny.json").read_text())
+    assert [r["batch_size"] for r in saved["results"]] == [1, 2] and saved["repeats"] == 1
+    assert (tmp_path / "reports" / "decode_bench_tiny.md").is_file()
+    assert list((tmp_path / "reports" / "notebooks").glob("*_decode_bench.ipynb"))
