@@ -191,13 +191,20 @@ def test_runner_killed_then_logs_follow_and_sync_finish_the_run(
             base_session.delete(f"{server.url}/api/kernels/{kernel_id}", headers=headers,
                                 timeout=30).raise_for_status()  # fmt: skip
         assert server_kernels(server) == []
-        followed = cli(["logs", run_id, "--follow", *connect], out, env, timeout_s=120)
+        port = int(server.url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+        # Re-attach through a *new* URL for the same server (as when Kaggle hands out a fresh
+        # proxy URL): runs are keyed by run id, never by URL.
+        with FaultProxy(port, cut_after_bytes=1, max_cuts=0) as new_front:
+            new_dir = tmp_path / "new_url"
+            new_dir.mkdir()
+            (new_dir / "url").write_text(new_front.url_for(server.url) + "\n")
+            follow_args = ["logs", run_id, "--follow", "--url-file", str(new_dir / "url")]
+            followed = cli(follow_args, out, env, timeout_s=120)
         assert followed.returncode == 0, followed.stdout + followed.stderr
         assert "SLEEP_DONE" in followed.stdout and "state=succeeded exit_code=0" in followed.stdout
         # Sync through a proxy that cuts the first connections moving more than 3 kB (REST
         # downloads and the manifest snippet's websocket alike): retries, Range resume and the
         # websocket reconnect must still bring every file home intact.
-        port = int(server.url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
         with FaultProxy(port, cut_after_bytes=3000, max_cuts=2, direction="down") as proxy:
             cut_dir = tmp_path / "via_proxy"
             cut_dir.mkdir()
