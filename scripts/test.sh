@@ -11,4 +11,6 @@ if [ ! -x /usr/sbin/sshd ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server; } \
     >/dev/null 2>&1 || echo "warning: openssh-server could not be installed; SSH tests will skip" >&2
 fi
+# Tiny test models run faster on one thread, and jobs the tests start inherit this.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 python -m pytest -q -x --durations=15 "$@"
