@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 from urllib.parse import quote, urlsplit
@@ -364,9 +364,11 @@ def _chunk_body(block: bytes, chunk: int | None) -> bytes:
 def _mtime(model: dict) -> float:
     stamp = str(model.get("last_modified") or "")
     try:
-        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+        when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
     except ValueError:
         return 0.0
+    # jupyter_server sends UTC; a naive stamp read as local time would skew heartbeat ages
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def _message(resp: requests.Response) -> str:
