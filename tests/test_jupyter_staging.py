@@ -185,3 +185,28 @@ def test_bootstrap_failure_is_its_own_state_and_exit_code(tmp_path: Path) -> Non
     assert (run_dir / "exit_code").read_text().strip() == "5"
     assert "[versa-bootstrap] pip failed" in (run_dir / "run.log").read_text()
     assert not (run_dir / "output.ipynb").exists()  # papermill never started
+
+
+# -- upload progress ------------------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_upload_progress_bar_on_terminals_only() -> None:
+    from versa_runner.output import Output
+
+    err = _Terminal()
+    with Output(stream=io.StringIO(), err_stream=err).transfer("uploading code") as progress:
+        assert progress is not None
+        for _ in range(3):
+            progress(1 << 20)
+    assert "uploading code" in err.getvalue() and "3.1" in err.getvalue()  # 3 MiB = 3.1 MB
+    piped = io.StringIO()
+    with Output(stream=io.StringIO(), err_stream=piped).transfer("uploading code") as progress:
+        assert progress is None
+    with Output(json_mode=True, stream=io.StringIO(), err_stream=err).transfer("x") as progress:
+        assert progress is None
+    assert piped.getvalue() == ""

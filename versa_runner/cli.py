@@ -337,7 +337,7 @@ def cmd_submit(ctx: Context) -> int:
         record = lifecycle.submit(
             backend, task=task_name, notebook_path=notebook, params=params, job_env=job_env,
             settings=settings, save=lambda r: runs.save_record(ctx.output_dir, r),
-            prepare=_remote_prepare(backend, task_name, a.profile),
+            prepare=_remote_prepare(backend, task_name, a.profile, ctx.out),
         )  # fmt: skip
         ctx.out.submitted(record, detached=not a.no_detach)
         if a.no_detach:
@@ -351,7 +351,7 @@ def cmd_submit(ctx: Context) -> int:
 
 
 def _remote_prepare(
-    backend: Backend, task_name: str, profile: str
+    backend: Backend, task_name: str, profile: str, out: Output
 ) -> Callable[[dict[str, Any]], lifecycle.LaunchAdditions] | None:
     """Remote targets get the code tree and a bootstrap plan; the local target has both already."""
     if backend.name == "local":
@@ -361,7 +361,10 @@ def _remote_prepare(
         codesync = importlib.import_module("versa_runner.codesync")
         bootstrap = importlib.import_module("versa_runner.bootstrap")
         with tempfile.TemporaryDirectory(prefix="versa-code-") as work_dir:
-            code_dir = codesync.stage_code(backend, PROJECT_ROOT, Path(work_dir))
+            with out.transfer("uploading code") as progress:
+                code_dir = codesync.stage_code(
+                    backend, PROJECT_ROOT, Path(work_dir), progress=progress
+                )
         plan = bootstrap.plan_bootstrap(
             profile=profile,
             python=preflight_info["executable"],

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
 from versa_runner.secrets import Redactor
@@ -66,6 +68,25 @@ class Output:
         """One JSON object on one line (redacted like everything else)."""
         self.stream.write(self.redact(json.dumps(obj, sort_keys=True)) + "\n")
         self.stream.flush()
+
+    @contextmanager
+    def transfer(self, description: str) -> Iterator[Callable[[int], None] | None]:
+        """A byte-counting progress bar on stderr for an upload or download (terminals only).
+
+        Yields the callback transports take as `progress`, or None when stderr is not a TTY or
+        `--json` is set (no bar, no cost).
+        """
+        if self.json_mode or not self.err_stream.isatty():
+            yield None
+            return
+        from rich.console import Console
+        from rich.progress import DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        columns = (TextColumn(self.redact(description)), DownloadColumn(), TransferSpeedColumn())
+        console = Console(file=self.err_stream)
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task(description, total=None)
+            yield lambda n: bar.advance(task, n)
 
     def info(self, text: str) -> None:
         """A progress note on stderr (keeps stdout clean for --json and pipes)."""
