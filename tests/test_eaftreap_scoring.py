@@ -160,7 +160,11 @@ def test_profile_resumes_after_a_crash_with_the_same_result(setup, tmp_path: Pat
     assert (resumed.p_lo, resumed.h_lo) == (clean.p_lo, clean.h_lo)
     # A finished state keeps only the sums: re-running the build re-cuts without profiling.
     seen.clear()
-    again = _profile(model, examples, state_path=state, on_batch=lambda p, d, t: seen.append(p))
+    again = profile_experts(
+        None, examples, num_layers=2, num_experts=8, batch_size=2, state_path=state,
+        model_loader=lambda: pytest.fail("a finished profile must not load the model"),
+        on_batch=lambda p, d, t: seen.append(p),
+    )  # fmt: skip
     assert seen == [] and np.array_equal(again.acc.eaft_gate_norm_sum, clean.acc.eaft_gate_norm_sum)
     assert (
         "p" in torch.load(state, weights_only=True)

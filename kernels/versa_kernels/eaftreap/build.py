@@ -253,11 +253,17 @@ def build_pruned(
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
     started = time.monotonic()
-    model = GptOssModel.from_checkpoint(base, dtype=dtype, device=dev)
+    loaded: list[Any] = []
+
+    def load_model() -> Any:
+        if not loaded:
+            loaded.append(GptOssModel.from_checkpoint(base, dtype=dtype, device=dev))
+        return loaded[0]
+
     pad_id = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
     eaft = EaftWeights(eaft_weight_good, eaft_weight_cc, eaft_weight_uncertain, eaft_cc_quantile)
     prof = profile_experts(
-        model, examples, num_layers=L, num_experts=E, batch_size=batch_size, pad_id=pad_id,
+        None, examples, model_loader=load_model, num_layers=L, num_experts=E, batch_size=batch_size, pad_id=pad_id,
         weights=eaft, state_path=art / PROFILE_STATE, save_every_s=save_every_s,
         save_every_batches=save_every_batches,
         fingerprint_extra={"model": _model_fingerprint(base), "dtype": str(dtype)},
@@ -313,10 +319,10 @@ def build_pruned(
         v.stored_experts = result.stored_experts
         if baseline_eval_rows > 0:
             v.baselines = _baselines(
-                model, tokenizer, sample, pack_paths, v, prof.acc.count, params
+                load_model(), tokenizer, sample, pack_paths, v, prof.acc.count, params
             )
 
-    del model
+    loaded.clear()  # free the model before writing outputs
     manifest_path, report_path, plots = write_build_outputs(
         art, Path(reports_dir), variants, meta, sample_record, params
     )

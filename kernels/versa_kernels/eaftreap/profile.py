@@ -309,8 +309,12 @@ def profile_experts(
     save_every_s: float = 300.0,
     fingerprint_extra: dict[str, Any] | None = None,
     on_batch: Callable[[int, int, int], None] | None = None,
+    model_loader: Callable[[], Any] | None = None,
 ) -> ProfileResult:
     """Run both passes and return the accumulators (module docstring).
+
+    ``model`` may be None with a ``model_loader`` instead: the model is then loaded only when a
+    pass still has to run (re-cutting a finished 20b profile skips minutes of loading).
 
     ``on_batch(pass_no, batches_done, total_batches)`` is called after each batch. When both
     passes are done the per-token arrays are dropped from the saved state (they are only needed
@@ -337,7 +341,7 @@ def profile_experts(
     if resumed_from:
         log.info("resuming profile at pass %d batch %d", state["pass"], state["done"])
     ctx = {
-        "device": model_device(model),
+        "device": None,
         "pad_id": pad_id,
         "weights": weights,
         "entropy_top_k": entropy_top_k,
@@ -346,6 +350,11 @@ def profile_experts(
     }
     started = time.monotonic()
     tokens = sum(len(ex.input_ids) for ex in examples)
+    if state["pass"] < 3 and model is None:
+        if model_loader is None:
+            raise ValueError("profile_experts needs a model (or a model_loader) to run a pass")
+        model = model_loader()
+    ctx["device"] = model_device(model) if model is not None else None
     with torch.inference_mode():
         if state["pass"] == 1:
             _signals_pass(model, batches, state, ctx)
