@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import paramiko
 import pytest
 
 from versa_runner.backends import get_backend_class
 from versa_runner.backends.base import Backend
 from versa_runner.backends.ssh import SshBackend, SshTarget, parse_ssh_spec
+from versa_runner.backends.ssh_target import load_key
 from versa_runner.errors import (
     AuthError,
     TargetError,
@@ -128,3 +130,14 @@ def _closed_port() -> int:
     from faultproxy import free_port
 
     return free_port()
+
+
+def test_key_loading_names_the_passphrase_problem(sshd: SshServer) -> None:
+    plain, encrypted = sshd.client_key, sshd.encrypted_key
+    assert load_key(SshTarget("h", "u", key_file=plain, passphrase="meant-for-another-key"))
+    assert load_key(SshTarget("h", "u", key_file=encrypted, passphrase=sshd.passphrase))
+    with pytest.raises(paramiko.AuthenticationException, match="VERSA_SSH_PASSPHRASE is not set"):
+        load_key(SshTarget("h", "u", key_file=encrypted))
+    with pytest.raises(paramiko.AuthenticationException, match="wrong passphrase") as wrong:
+        load_key(SshTarget("h", "u", key_file=encrypted, passphrase="nope-" + sshd.passphrase))
+    assert sshd.passphrase not in str(wrong.value)

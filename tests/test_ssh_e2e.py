@@ -113,26 +113,28 @@ def test_no_detach_with_secret_and_encrypted_key_leaks_nothing(
     assert not leaks
 
 
-def test_task_detached_then_wait_sync_and_resumed_download(sshd: SshServer, tmp_path: Path) -> None:
+def test_detached_then_wait_sync_and_resumed_download(sshd: SshServer, tmp_path: Path) -> None:
     out, remote = tmp_path / "out", tmp_path / "remote"
     out.mkdir()
     env = ssh_env(sshd, tmp_path)
     connect = ssh_args(sshd, remote)
-    submitted = cli(["--task", "validate_expert_math_toy", "--trials", "2", *connect], out, env)
+    notebook = str(TEST_NOTEBOOKS / "ok.ipynb")
+    submitted = cli(["submit", "--notebook", notebook, "-p", "greeting", "hi", *connect], out, env)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     run_id = journal(out)["run_id"]
     assert f"versa-run wait {run_id}" in submitted.stdout
     assert "--ssh-key" in submitted.stdout  # the follow-up commands carry what they need
     follow_up = ["--ssh-key", str(sshd.client_key), "--ssh-python", PYTHON]
     try:
-        waited = cli(["wait", run_id, "--timeout", "240", *follow_up], out, env, timeout_s=300)
+        waited = cli(["wait", run_id, "--timeout", "120", *follow_up], out, env, timeout_s=180)
         assert waited.returncode == 0, waited.stdout + waited.stderr
         synced = cli(["sync", run_id, *follow_up], out, env)
         assert synced.returncode == 0, synced.stdout + synced.stderr
     finally:
         kill_remote_run(remote, run_id)
-    report = Path("reports") / "validate_gpt_oss_expert_math_toy.md"
-    assert (out / report).read_bytes() == (remote / report).read_bytes()
+    assert (out / "reports" / "ok.md").read_text() == f"hi x1 run={run_id}\n"
+    result = json.loads((out / "artifacts" / "ok" / "result.json").read_text())
+    assert result["cwd"] == str(remote)  # the job ran in the remote root, not in the home dir
     # Resume: keep the first half of the executed notebook as a .part, drop the file, sync again.
     notebook = out / "versa_runs" / run_id / "output.ipynb"
     full = notebook.read_bytes()
@@ -217,7 +219,20 @@ def test_host_key_auth_and_reachability_refusals(sshd: SshServer, tmp_path: Path
     again = cli(["doctor", *ssh_args(sshd, remote)], tmp_path, env)  # now known: no flag needed
     assert again.returncode == 0, again.stdout + again.stderr
 
+    changed = sshd.home_with_known_host(tmp_path / "changed_home") / ".ssh" / "known_hosts"
+    stranger_pub = sshd.stranger_key.with_name(sshd.stranger_key.name + ".pub").read_text()
+    changed.write_text(f"[127.0.0.1]:{sshd.port} {' '.join(stranger_pub.split()[:2])}\n")
+    env = runner_env(tmp_path, HOME=str(tmp_path / "changed_home"))
+    spoofed = cli(["doctor", "--ssh-accept-new", *ssh_args(sshd, remote)], tmp_path, env)
+    assert spoofed.returncode == 3 and "does not match" in spoofed.stderr, spoofed.stderr
+
+    env = ssh_env(sshd, tmp_path, VERSA_SSH_PASSPHRASE="not-the-passphrase")
+    bad_phrase = cli(["doctor", *ssh_args(sshd, remote, key=sshd.encrypted_key)], tmp_path, env)
+    assert bad_phrase.returncode == 3 and "wrong passphrase" in bad_phrase.stderr
+    assert "not-the-passphrase" not in bad_phrase.stdout + bad_phrase.stderr
     env = ssh_env(sshd, tmp_path)
+    no_phrase = cli(["doctor", *ssh_args(sshd, remote, key=sshd.encrypted_key)], tmp_path, env)
+    assert no_phrase.returncode == 3 and "encrypted" in no_phrase.stderr
     wrong_key = cli(["doctor", *ssh_args(sshd, remote, key=sshd.stranger_key)], tmp_path, env)
     assert wrong_key.returncode == 3 and "authentication failed" in wrong_key.stderr
     assert "--ssh-key" in wrong_key.stderr and "Traceback" not in wrong_key.stderr

@@ -333,7 +333,9 @@ class SshBackend:
             ) from exc
         except paramiko.AuthenticationException as exc:
             self._drop_connection()
-            raise AuthError(f"authentication failed for {where}", hint=AUTH_HINT) from exc
+            detail = str(exc) if str(exc) != "Authentication failed." else "no key was accepted"
+            raise AuthError(f"{self.describe()}: authentication failed: {detail}",
+                            hint=AUTH_HINT) from exc  # fmt: skip
         except (paramiko.SSHException, EOFError, ConnectionError, TimeoutError,
                 socket.gaierror, paramiko.ssh_exception.NoValidConnectionsError) as exc:  # fmt: skip
             self._drop_connection()

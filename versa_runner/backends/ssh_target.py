@@ -92,14 +92,39 @@ def open_client(target: SshTarget) -> paramiko.SSHClient:
     client.set_missing_host_key_policy(policy)
     log.debug("connecting to %s", target.described)
     client.connect(
-        target.host, port=target.port, username=target.user, passphrase=target.passphrase,
-        key_filename=str(target.key_file) if target.key_file else None,
+        target.host, port=target.port, username=target.user, pkey=load_key(target),
         look_for_keys=target.key_file is None, allow_agent=target.key_file is None,
         timeout=CONNECT_TIMEOUT_S, banner_timeout=CONNECT_TIMEOUT_S,
         auth_timeout=CONNECT_TIMEOUT_S,
     )  # fmt: skip
     client.get_transport().set_keepalive(KEEPALIVE_S)  # type: ignore[union-attr]
     return client
+
+
+def load_key(target: SshTarget) -> paramiko.PKey | None:
+    """The explicit key, decrypted here so a bad passphrase reads as an auth failure (paramiko
+    would report "private key file checks do not match" as a bare SSHException)."""
+    if target.key_file is None:
+        return None
+    path = target.key_file
+    secret = target.passphrase.encode() if target.passphrase else None  # the cipher wants bytes
+    try:
+        try:  # positional: paramiko 5 renamed `passphrase` to `password`
+            return paramiko.PKey.from_path(path, secret)
+        except TypeError:
+            # cryptography's TypeError means "passphrase given, key not encrypted" or the
+            # reverse (OpenSSH-format keys; PEM keys raise PasswordRequiredException instead).
+            if secret is None:
+                raise
+            return paramiko.PKey.from_path(path, None)  # VERSA_SSH_PASSPHRASE was for another key
+    except (paramiko.PasswordRequiredException, TypeError) as exc:
+        raise paramiko.AuthenticationException(
+            f"key {path} is encrypted and VERSA_SSH_PASSPHRASE is not set"
+        ) from exc
+    except (paramiko.SSHException, paramiko.pkey.UnknownKeyType, ValueError, OSError) as exc:
+        raise paramiko.AuthenticationException(
+            f"cannot use key {path} (wrong passphrase, unreadable or not a private key)"
+        ) from exc
 
 
 class UnknownHostKey(paramiko.SSHException):
@@ -151,6 +176,7 @@ __all__ = [
     "SshTarget",
     "UnknownHostKey",
     "fingerprint",
+    "load_key",
     "open_client",
     "parse_ssh_spec",
 ]
