@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = Path(versa_kernels.__file__).parent / "data" / "tiny_moe_trained"
 KEEP_FRAC = 0.75
 SEQ = "256"  # the length the model was trained at
-NUM_BLOCKS = 6
-CALIB_ROWS = 48
+NUM_BLOCKS = 4
+CALIB_ROWS = 24
 EVAL_ROWS_PER_PACK = 40
 RANDOM_SEEDS = (0, 1, 2)
 
