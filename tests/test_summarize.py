@@ -276,3 +276,17 @@ def test_versa_run_summarize_exit_codes(tmp_path):
     assert versa_run(args + [left]) == 0
     assert versa_run(args + [right]) == 1
     assert versa_run(args + [refused]) == 2
+
+
+def test_summarize_runs_without_torch(tmp_path):
+    # The host may have no torch at all: block its import and run the whole summary.
+    left = _write(tmp_path, "l.json", _run())
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from versa_runner.summarize import main\n"
+        f"rc = main(['--left-json', {left!r}, '--right-json', {left!r}, '--out-md', {str(tmp_path / 'n.md')!r}])\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "sys.exit(rc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
