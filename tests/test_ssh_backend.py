@@ -141,3 +141,17 @@ def test_key_loading_names_the_passphrase_problem(sshd: SshServer) -> None:
     with pytest.raises(paramiko.AuthenticationException, match="wrong passphrase") as wrong:
         load_key(SshTarget("h", "u", key_file=encrypted, passphrase="nope-" + sshd.passphrase))
     assert sshd.passphrase not in str(wrong.value)
+
+
+def test_remote_root_under_the_login_directory(sshd: SshServer, tmp_path: Path) -> None:
+    home = Path(os.path.expanduser("~" + sshd.user)).resolve()  # sshd's HOME for the user
+    for given, expected in (
+        ("~/versa_work", home / "versa_work"),
+        ("~", home),
+        ("w/x", home / "w/x"),
+    ):
+        with backend_for(sshd, tmp_path / "home", Path(given)) as backend:
+            assert backend.root() == str(expected)
+    with backend_for(sshd, tmp_path / "home", Path("~other/x")) as backend:
+        with pytest.raises(UsageError, match="--remote-root"):
+            backend.root()

@@ -64,6 +64,7 @@ EXAMPLES = {
   versa-run submit --task validate_expert_math_toy --trials 5
   versa-run --task eaft_single --model-id openai/gpt-oss-20b --seq-lens-csv 1024,2048 --no-detach
   versa-run submit --notebook my.ipynb -p steps 10 --secret HF_TOKEN
+  versa-run --task validate_expert_math_toy --ssh me@gpu-box --ssh-key ~/.ssh/id_ed25519 --no-detach
 tasks: """
     + ", ".join(tasks.TASKS),
     "status": "examples:\n  versa-run status\n  versa-run status 20260101T0000 --json",
@@ -72,7 +73,8 @@ tasks: """
     "sync": "examples:\n  versa-run sync\n  versa-run sync RUN --only reports,output.ipynb --dest ./pulled",
     "kill": "examples:\n  versa-run kill RUN\n  versa-run kill RUN --grace 5 --yes",
     "list": "examples:\n  versa-run list\n  versa-run list --json",
-    "doctor": "examples:\n  versa-run doctor\n  versa-run doctor --url-file ~/.kaggle_url",
+    "doctor": "examples:\n  versa-run doctor\n  versa-run doctor --url-file ~/.kaggle_url\n"
+    "  versa-run doctor --ssh me@gpu-box:2222 --ssh-accept-new",
     "fixtures": "examples:\n  versa-run fixtures --help",
     "summarize": "examples:\n  versa-run summarize --left-json A.json --right-json B.json --out-md S.md",
 }

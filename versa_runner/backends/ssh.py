@@ -44,6 +44,7 @@ from versa_runner.errors import (
     TransferError,
     UnreachableError,
     UnsafePathError,
+    UsageError,
     VersaRunError,
 )
 from versa_runner.fsutil import CHUNK_BYTES
@@ -91,10 +92,13 @@ class SshBackend:
         """The absolute root on the host; `~` is the login directory SFTP starts in."""
         if self._root is None:
             raw = self._remote_root
-            if raw == "~" or raw.startswith("~/") or not raw.startswith("/"):
+            if raw.startswith("~") and raw != "~" and not raw.startswith("~/"):
+                raise UsageError(f"--remote-root: ~user paths are not supported, got {raw!r}",
+                                 hint="Give an absolute path or one under ~/.")  # fmt: skip
+            if not raw.startswith("/"):  # `~`, `~/x` or relative: under the login directory
                 with self._boundary("resolve the home directory"):
                     home = self._sftp().normalize(".")
-                raw = posixpath.join(home, raw[2:] if raw.startswith("~/") else raw.lstrip("~"))
+                raw = posixpath.join(home, raw.removeprefix("~").lstrip("/"))
             self._root = posixpath.normpath(raw)
         return self._root
 
