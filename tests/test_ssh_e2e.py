@@ -156,7 +156,7 @@ def test_connection_dropped_then_runner_killed_job_still_finishes(
     out.mkdir()
     env = ssh_env(sshd, tmp_path)
     argv = [sys.executable, "-m", "versa_runner.cli", "submit", "--no-detach", "--notebook",
-            str(TEST_NOTEBOOKS / "sleep.ipynb"), "-p", "seconds", "6", *ssh_args(sshd, remote)]  # fmt: skip
+            str(TEST_NOTEBOOKS / "sleep.ipynb"), "-p", "seconds", "8", *ssh_args(sshd, remote)]  # fmt: skip
     log_path = tmp_path / "runner.out"
     with open(log_path, "wb") as sink:
         runner = subprocess.Popen(argv, cwd=out, env=env, stdout=sink, stderr=subprocess.STDOUT)
