@@ -188,16 +188,26 @@ def build_pruned(
     save_every_s: float = 300.0,
     save_every_batches: int = 0,
     run_id: str = "",
+    gpus: int = 1,
     on_batch: Any = None,
-) -> BuildResult:
-    """Profile, allocate, rewrite and report (module docstring); returns what was written."""
+    dist: Any = None,
+) -> BuildResult | dict[str, Any]:
+    """Profile, allocate, rewrite and report (module docstring); returns what was written.
+
+    ``gpus > 1``: profiling runs on that many ranks under torchrun (``versa_kernels.
+    distributed``); rank 0 leaves a finished profile state, and this call re-cuts from it.
+    ``dist`` is set only inside such a rank: it profiles its share and returns the profile
+    meta (a dict) without writing outputs.
+    """
+    params = {k: v for k, v in locals().items() if k not in ("on_batch", "dist")}
     import torch
 
+    from versa_kernels.distributed import check_gpus, launch, rank_state_path
     from versa_kernels.gptoss.config import GptOssConfig
 
-    params = dict(locals())
-    params.pop("on_batch")
     _checked_params(params)
+    if dist is None:
+        check_gpus(gpus)
     keepfrac_task = isinstance(keep_frac, list | tuple)
     fracs = [float(k) for k in (keep_frac if keepfrac_task else [keep_frac])]
     base = Path(model_path)
@@ -251,6 +261,7 @@ def build_pruned(
     from versa_kernels.gptoss.model import GptOssModel
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = dist.device if dist is not None else dev
     dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
     started = time.monotonic()
     loaded: list[Any] = []
@@ -260,15 +271,18 @@ def build_pruned(
             loaded.append(GptOssModel.from_checkpoint(base, dtype=dtype, device=dev))
         return loaded[0]
 
+    dist_meta = launch("build_pruned", params, gpus) if gpus > 1 and dist is None else None
     pad_id = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
     eaft = EaftWeights(eaft_weight_good, eaft_weight_cc, eaft_weight_uncertain, eaft_cc_quantile)
     prof = profile_experts(
         None, examples, model_loader=load_model, num_layers=L, num_experts=E, batch_size=batch_size, pad_id=pad_id,
-        weights=eaft, state_path=art / PROFILE_STATE, save_every_s=save_every_s,
-        save_every_batches=save_every_batches,
+        weights=eaft, state_path=rank_state_path(art / PROFILE_STATE, dist),
+        save_every_s=save_every_s, save_every_batches=save_every_batches,
         fingerprint_extra={"model": _model_fingerprint(base), "dtype": str(dtype)},
-        on_batch=on_batch,
+        on_batch=on_batch, dist=dist, single_state_path=art / PROFILE_STATE,
     )  # fmt: skip
+    if dist is not None:  # a rank's work ends here; the notebook's process writes the outputs
+        return {**prof.meta(), "world_size": dist.world_size, "backend": dist.backend}
     if not (prof.acc.count.sum(axis=1) > 0).all():
         raise RuntimeError("profiling routed no tokens through some layer: scores would be empty")
     meta = {
@@ -281,6 +295,9 @@ def build_pruned(
         "max_tokens_per_row": max_tokens_per_row, "dtype": str(dtype), "device": dev,
         "profile_s": time.monotonic() - started,
     }  # fmt: skip
+    if dist_meta is not None:  # throughput and resume point of the ranks, not of the re-cut
+        meta.update({k: dist_meta[k] for k in ("tokens_per_s", "resumed_from_batch")})
+        meta["distributed"] = {k: dist_meta[k] for k in ("world_size", "backend")}
     tau = split_half_tau(prof.halves, score_key)
     meta["rank_stability"] = {
         "method": "split-half Kendall tau (even vs odd calibration rows)",

@@ -17,6 +17,13 @@ Resume: every ``save_every_s`` seconds (or ``save_every_batches`` batches) the s
 arrays) is written atomically to ``state_path`` together with a fingerprint of the inputs. A run
 that finds a state with the same fingerprint continues from it; float64 sums in the same batch
 order make the resumed result identical to an uninterrupted one.
+
+Several ranks (``dist``, see ``versa_kernels.distributed``): rank r runs batches r, r+N, ... of
+both passes. After pass 1 every rank gathers all ranks' p/H arrays in batch order, so the
+thresholds are the exact global quantiles of a single process. After pass 2 the float64
+accumulators are summed across ranks (all_reduce). Each rank saves its own state file (its own
+p/H arrays and partial sums, kept to the end); on resume the ranks first agree on the earliest
+pass any of them is in, so every rank takes part in the same gather and reduction.
 """
 
 from __future__ import annotations
@@ -231,12 +238,27 @@ class _Progress:
         )  # fmt: skip
 
 
+def _skip(ctx: dict, i: int) -> bool:
+    """True when batch i belongs to another rank (never with a single process)."""
+    return ctx["dist"] is not None and not ctx["dist"].owns(i)
+
+
+def _batch_done(ctx: dict) -> None:
+    if ctx["dist"] is not None:
+        ctx["dist"].batch_done()
+
+
 def _signals_pass(model: Any, batches: list, state: dict, ctx: dict) -> None:
-    """Pass 1: p and H of every scored prediction, from chunked LM-head logits."""
+    """Pass 1: p and H of every scored prediction, from chunked LM-head logits.
+
+    With ranks, ``state["p"]`` holds this rank's batches only, in order (r, r+N, ...).
+    """
     from versa_kernels.signals import token_signals
 
     device, progress = ctx["device"], _Progress(1, len(batches), state["done"])
     for i in range(state["done"], len(batches)):
+        if _skip(ctx, i):
+            continue
         ids, flat = pad_batch(batches[i], ctx["pad_id"])
         out = model(ids.to(device))
         hidden = out.hidden.reshape(-1, out.hidden.shape[-1])[flat.to(device)]  # [N, D]
@@ -253,13 +275,19 @@ def _signals_pass(model: Any, batches: list, state: dict, ctx: dict) -> None:
         state["h"].append(torch.cat(h_parts).numpy())
         state["done"] = i + 1
         ctx["saver"].maybe(state, len(batches))
+        _batch_done(ctx)
         progress.step(state["done"], int(ids.numel()))
         if ctx["on_batch"] is not None:
             ctx["on_batch"](1, state["done"], len(batches))
 
 
-def _accumulate_pass(model: Any, batches: list, state: dict, ctx: dict, thr: Any) -> None:
-    """Pass 2: EAFT-weighted REAP sums from the forward's MoE traces (label at position t)."""
+def _accumulate_pass(
+    model: Any, batches: list, state: dict, ctx: dict, thr: Any, ph: tuple[list, list]
+) -> None:
+    """Pass 2: EAFT-weighted REAP sums from the forward's MoE traces (label at position t).
+
+    ``ph``: the p and H arrays of every batch, in batch order (gathered across ranks).
+    """
     weights, device = ctx["weights"], ctx["device"]
     acc = ExpertAccumulators.from_state(state["acc"])
     # Even and odd calibration rows feed two half accumulators: split-half rank stability of
@@ -268,9 +296,11 @@ def _accumulate_pass(model: Any, batches: list, state: dict, ctx: dict, thr: Any
     first_row = np.cumsum([0] + [len(b) for b in batches])
     progress = _Progress(2, len(batches), state["done"])
     for i in range(state["done"], len(batches)):
+        if _skip(ctx, i):
+            continue
         ids, flat = pad_batch(batches[i], ctx["pad_id"])
         _, w = weights.token_weights(
-            torch.from_numpy(state["p"][i]), torch.from_numpy(state["h"][i]), thr
+            torch.from_numpy(ph[0][i]), torch.from_numpy(ph[1][i]), thr
         )  # w: [N] weight of the prediction made at each scored position
         odd = ((int(first_row[i]) + flat // ids.shape[1]) % 2).bool()  # [N] row parity
         out = model(ids.to(device), collect_moe=True)
@@ -289,6 +319,7 @@ def _accumulate_pass(model: Any, batches: list, state: dict, ctx: dict, thr: Any
         state["acc"] = acc.state()
         state["halves"] = [h.state() for h in halves]
         ctx["saver"].maybe(state, len(batches))
+        _batch_done(ctx)
         progress.step(state["done"], int(ids.numel()))
         if ctx["on_batch"] is not None:
             ctx["on_batch"](2, state["done"], len(batches))
@@ -310,6 +341,8 @@ def profile_experts(
     fingerprint_extra: dict[str, Any] | None = None,
     on_batch: Callable[[int, int, int], None] | None = None,
     model_loader: Callable[[], Any] | None = None,
+    dist: Any = None,
+    single_state_path: str | Path | None = None,
 ) -> ProfileResult:
     """Run both passes and return the accumulators (module docstring).
 
@@ -319,6 +352,10 @@ def profile_experts(
     ``on_batch(pass_no, batches_done, total_batches)`` is called after each batch. When both
     passes are done the per-token arrays are dropped from the saved state (they are only needed
     to resume pass 2), so a finished state stays small and re-running the build only re-cuts.
+
+    ``dist`` (a ``versa_kernels.distributed.DistContext``) shards the batches over ranks; every
+    rank returns the same reduced result, and rank 0 also writes the finished state in
+    single-process form to ``single_state_path``: the notebook's own call then re-cuts from it.
     """
     from versa_kernels.signals import exact_quantile
 
@@ -337,6 +374,9 @@ def profile_experts(
         "acc": ExpertAccumulators.zeros(num_layers, num_experts).state(),
         "halves": [ExpertAccumulators.zeros(num_layers, num_experts).state() for _ in range(2)],
     }
+    if dist is not None and dist.min_int(state["pass"]) < 3 <= state["pass"]:
+        # Another rank has work left: rejoin at the end of pass 2 (own arrays are kept).
+        state.update({"pass": 2, "done": len(batches)})
     resumed_from = (state["pass"] - 1) * len(batches) + state["done"]
     if resumed_from:
         log.info("resuming profile at pass %d batch %d", state["pass"], state["done"])
@@ -347,6 +387,7 @@ def profile_experts(
         "entropy_top_k": entropy_top_k,
         "on_batch": on_batch,
         "saver": _Saver(path, save_every_batches, save_every_s),
+        "dist": dist,
     }
     started = time.monotonic()
     tokens = sum(len(ex.input_ids) for ex in examples)
@@ -361,12 +402,15 @@ def profile_experts(
             state.update({"pass": 2, "done": 0})
             ctx["saver"].maybe(state, len(batches), force=True)
         if state["pass"] == 2:
-            p_all = torch.from_numpy(np.concatenate([np.zeros(0, np.float32), *state["p"]]))
-            h_all = torch.from_numpy(np.concatenate([np.zeros(0, np.float32), *state["h"]]))
+            ph = _all_signals(state, dist, len(batches))
+            p_all = torch.from_numpy(np.concatenate([np.zeros(0, np.float32), *ph[0]]))
+            h_all = torch.from_numpy(np.concatenate([np.zeros(0, np.float32), *ph[1]]))
             if p_all.numel() == 0:
                 raise ValueError("no completion tokens to score in the calibration rows")
             thr = weights.thresholds(p_all, h_all)  # the run's global thresholds
-            _accumulate_pass(model, batches, state, ctx, thr)
+            _accumulate_pass(model, batches, state, ctx, thr, ph)
+            if dist is not None:  # partial sums stay in the state; the totals are kept apart
+                state["total"] = _reduced(dist, state)
             labels, _ = weights.token_weights(p_all, h_all, thr)
             counts = torch.bincount(labels.long(), minlength=len(CLASS_NAMES)).tolist()
             state["summary"] = {
@@ -376,14 +420,41 @@ def profile_experts(
                 "region_counts": {name: int(counts[c]) for c, name in CLASS_NAMES.items()},
                 "scored_tokens": int(p_all.numel()),
             }
-            state.update({"pass": 3, "p": [], "h": []})
+            state.update({"pass": 3} if dist is not None else {"pass": 3, "p": [], "h": []})
             ctx["saver"].maybe(state, len(batches), force=True)
+    total = state["total"] if dist is not None else state
+    if dist is not None and dist.is_main and single_state_path is not None:
+        keep = ("schema_version", "fingerprint", "summary")
+        single = {**{k: state[k] for k in keep}, "pass": 3, "done": len(batches), "p": [], "h": []}
+        _save_state(Path(single_state_path), {**single, **total})
     elapsed = max(time.monotonic() - started, 1e-9)
     done_now = 2 * len(batches) - min(resumed_from, 2 * len(batches))
     return ProfileResult(
-        acc=ExpertAccumulators.from_state(state["acc"]),
-        halves=tuple(ExpertAccumulators.from_state(h) for h in state["halves"]),
+        acc=ExpertAccumulators.from_state(total["acc"]),
+        halves=tuple(ExpertAccumulators.from_state(h) for h in total["halves"]),
         tokens_per_s=tokens * done_now / max(len(batches), 1) / elapsed,
         resumed_from_batch=resumed_from,
         **state["summary"],
     )
+
+
+def _all_signals(state: dict, dist: Any, num_batches: int) -> tuple[list, list]:
+    """p and H arrays of every batch in batch order; with ranks, gathered from all of them."""
+    if dist is None:
+        return state["p"], state["h"]
+    own = range(dist.rank, num_batches, dist.world_size)  # this rank's batches, in order
+    mine = {i: (p, h) for i, p, h in zip(own, state["p"], state["h"], strict=True)}
+    merged = dist.gather_in_order(mine)
+    return [p for p, _ in merged], [h for _, h in merged]
+
+
+def _reduced(dist: Any, state: dict) -> dict[str, Any]:
+    """Accumulators summed over ranks (float64; counts stay exact integers)."""
+    flat = {f"acc.{k}": v for k, v in state["acc"].items()}
+    for n, half in enumerate(state["halves"]):
+        flat.update({f"half{n}.{k}": v for k, v in half.items()})
+    summed = dist.sum_arrays(flat)
+    return {
+        "acc": {k: summed[f"acc.{k}"] for k in state["acc"]},
+        "halves": [{k: summed[f"half{n}.{k}"] for k in h} for n, h in enumerate(state["halves"])],
+    }

@@ -1,0 +1,117 @@
+"""Data-parallel profiling and eaft_single: real torchrun, 2 gloo CPU ranks vs 1 process.
+
+Every multi-rank run here starts the real ``torch.distributed.run`` (torchrun) with two CPU
+processes (gloo), exactly as a notebook cell does on a multi-GPU host with NCCL. Launches cost
+~5-10 s each, so there are four: build 2 ranks, eaft 2 ranks, build with a dead rank, resume.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from versa_kernels.errors import KernelError, ParameterError
+
+ROWS = 6  # calibration rows: 6 batches of 1 -> 3 per rank
+INT_COLUMNS = ("count", "pos_count", "neg_count")
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from versa_kernels.fixtures import make_calib_packs, make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("dist")
+    ckpt = make_tiny_checkpoint(root / "base", layers=2, experts=8, top_k=2)
+    return {"root": root, "model": ckpt, "packs": [str(p) for p in make_calib_packs(root / "p")]}
+
+
+@pytest.fixture
+def cpu_ranks(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Allow gloo CPU ranks; one thread per rank on the shared CI box."""
+    monkeypatch.setenv("VERSA_DIST_ALLOW_CPU", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("VERSA_DIST_FAIL_RANK", raising=False)
+    return monkeypatch
+
+
+def _build(fx: dict, where: Path, **kw):
+    from versa_kernels.eaftreap.build import build_pruned
+
+    params = dict(
+        model_path=str(fx["model"]), calib_pack_files=fx["packs"], num_rows=ROWS,
+        max_seq_length=96, keep_frac=0.75, min_keep_per_layer=4, max_keep_per_layer=8,
+        core_pos_top_m=1, keep_n_multiple_of=1, artifacts_dir=str(where / "art"),
+        reports_dir=str(where / "reports"), out_dir=str(where / "out"), save_every_batches=1,
+    )  # fmt: skip
+    return build_pruned(**{**params, **kw})
+
+
+@pytest.fixture(scope="module")
+def single_build(fx: dict) -> tuple[pd.DataFrame, dict]:
+    res = _build(fx, fx["root"] / "single")
+    return pd.read_parquet(res.artifacts_dir / "scores.parquet"), res.profile_meta
+
+
+def _assert_same_profile(scores: pd.DataFrame, meta: dict, ref: tuple[pd.DataFrame, dict]) -> None:
+    ref_scores, ref_meta = ref
+    assert scores.shape == ref_scores.shape
+    for col in ref_scores.columns:
+        if col in INT_COLUMNS or col in ("layer", "expert"):
+            assert scores[col].tolist() == ref_scores[col].tolist(), col  # counts identical
+        else:
+            np.testing.assert_allclose(scores[col], ref_scores[col], rtol=1e-9, atol=1e-12)
+    # Thresholds are the exact global quantiles over both ranks' tokens: equal, not close.
+    for key in ("p_lo", "h_lo", "h_hi", "region_counts", "scored_tokens"):
+        assert meta[key] == ref_meta[key], key
+    tau = meta["rank_stability"]["tau_by_layer"]
+    np.testing.assert_allclose(tau, ref_meta["rank_stability"]["tau_by_layer"], atol=1e-12)
+
+
+def test_gpus_is_checked_before_any_work(fx, tmp_path, monkeypatch) -> None:
+    from versa_kernels.distributed import check_gpus
+
+    monkeypatch.delenv("VERSA_DIST_ALLOW_CPU", raising=False)
+    for bad in (0, 65, -1, True):
+        with pytest.raises(ParameterError, match=r"gpus=.* expected an integer in 1\.\.64"):
+            check_gpus(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ParameterError, match="gpus=2 but this target has 0 CUDA GPU"):
+            _build(fx, tmp_path, gpus=2)
+        assert not (tmp_path / "art").exists()  # refused before packs or model were touched
+
+
+def test_build_on_two_ranks_equals_one_process(fx, cpu_ranks, single_build, tmp_path) -> None:
+    res = _build(fx, tmp_path, gpus=2)
+    meta = res.profile_meta
+    assert meta["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert meta["tokens_per_s"] > 0 and meta["resumed_from_batch"] == 0
+    scores = pd.read_parquet(res.artifacts_dir / "scores.parquet")
+    _assert_same_profile(scores, meta, single_build)
+    kept = json.loads((res.artifacts_dir / "keep_experts_by_layer.json").read_text())
+    ref = json.loads((fx["root"] / "single/art/keep_experts_by_layer.json").read_text())
+    assert kept == ref
+    assert sorted(p.name for p in res.artifacts_dir.glob("profile_state*.pt")) == [
+        "profile_state.pt", "profile_state.rank0-of-2.pt", "profile_state.rank1-of-2.pt",
+    ]  # fmt: skip
+
+
+def test_dead_rank_fails_the_run_and_resume_gives_the_same_result(
+    fx, cpu_ranks, single_build, tmp_path
+) -> None:
+    # Rank 1 dies after 4 of its batches: all 3 of pass 1 and the first of pass 2.
+    cpu_ranks.setenv("VERSA_DIST_FAIL_RANK", "1")
+    cpu_ranks.setenv("VERSA_DIST_FAIL_AFTER", "4")
+    with pytest.raises(KernelError, match=r"rank 1 died \(exit code 17\)"):
+        _build(fx, tmp_path, gpus=2)
+    assert not (tmp_path / "art" / "scores.parquet").exists()
+    state = torch.load(tmp_path / "art" / "profile_state.rank1-of-2.pt", weights_only=True)
+    assert state["pass"] == 2 and state["done"] >= 2  # the dead rank's last save, in pass 2
+    cpu_ranks.delenv("VERSA_DIST_FAIL_RANK")
+    res = _build(fx, tmp_path, gpus=2)
+    assert res.profile_meta["resumed_from_batch"] > 0  # it continued, it did not start over
+    scores = pd.read_parquet(res.artifacts_dir / "scores.parquet")
+    _assert_same_profile(scores, res.profile_meta, single_build)
