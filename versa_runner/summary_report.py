@@ -154,7 +154,7 @@ def write_plots(
             diff, origin="lower", aspect="auto", extent=extent, vmin=-lim, vmax=lim, cmap="RdBu_r"
         )
         axes[2].set_title(f"right - left (JS2D={row.js2d:.4f})", fontsize=9)
-        fig.colorbar(im, ax=axes[2])
+        fig.colorbar(im, ax=axes[2], label="difference of sqrt(share)")
         for ax in axes:
             ax.set_xlabel(lm.get("x_scale", "p_t"))
             ax.set_ylabel("H_top20 / ln 20")
