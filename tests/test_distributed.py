@@ -8,6 +8,7 @@ processes (gloo), exactly as a notebook cell does on a multi-GPU host with NCCL.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,33 @@ def test_dead_rank_fails_the_run_and_resume_gives_the_same_result(
     assert res.profile_meta["resumed_from_batch"] > 0  # it continued, it did not start over
     scores = pd.read_parquet(res.artifacts_dir / "scores.parquet")
     _assert_same_profile(scores, res.profile_meta, single_build)
+
+
+def _collect(fx: dict, out: str, **kw) -> dict:
+    from versa_kernels.eaft import collect
+
+    params = dict(
+        model_id="tiny/base", model_path=str(fx["model"]), calib_pack_files=fx["packs"],
+        seq_lens_csv="64", num_blocks=5, sample_points=50, top_k=2, run_id="r",
+        out_root=str(fx["root"] / out),
+    )  # fmt: skip
+    path = collect(**{**params, **kw})
+    assert path == fx["root"] / out / "r" / "tiny__base.json"
+    return json.loads(path.read_text())
+
+
+def test_eaft_single_on_two_ranks_equals_one_process(fx, cpu_ranks) -> None:
+    one = _collect(fx, "one")
+    two = _collect(fx, "two", gpus=2)  # 5 blocks, batch 1: rank 0 takes 3, rank 1 takes 2
+    assert len(one["packs"]) == len(two["packs"]) == 4
+    for a, b in zip(one["packs"], two["packs"], strict=True):
+        ma, mb = a["seq"]["64"]["model"], b["seq"]["64"]["model"]
+        assert a["seq"]["64"]["rows_sha256"] == b["seq"]["64"]["rows_sha256"]
+        assert ma["kept_tokens"] == mb["kept_tokens"] > 0
+        # Gathered in batch order: histograms, quantiles and the reservoir equal exactly.
+        for key in ("hist2d_x_H", "hist1d_x", "hist1d_H", "quadrant_counts", "samples"):
+            assert ma[key] == mb[key], key
+        for key in ("p_thr", "h_thr", "cc_count", "p_q50", "h_q95"):
+            assert ma[key] == mb[key], key
+        for key in ("ppl", "mean_nll", "var_nll", "mean_prob", "mean_entropy"):
+            assert math.isclose(ma[key], mb[key], rel_tol=1e-9, abs_tol=1e-12), key

@@ -59,11 +59,20 @@ def run_blocks(
     stats: SignalStats,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     router_mask: Sequence[torch.Tensor | None] | None = None,
+    dist: Any = None,
 ) -> float:
-    """Forward every block, feed kept-token signals into `stats`; returns the loop's wall seconds."""
+    """Forward every block, feed kept-token signals into `stats`; returns the loop's wall seconds.
+
+    With `dist` (versa_kernels.distributed) rank r runs batches r, r+N, ...; the per-chunk
+    signals of all ranks are then gathered and fed to `stats` in batch order, so thresholds,
+    histograms, sums and the reservoir sample equal a single process's exactly.
+    """
     device = next(model.parameters()).device
     started = time.perf_counter()
-    for first in range(0, blocks.input_ids.shape[0], batch_size):
+    mine: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+    for batch, first in enumerate(range(0, blocks.input_ids.shape[0], batch_size)):
+        if dist is not None and not dist.owns(batch):
+            continue
         ids = blocks.input_ids[first : first + batch_size].to(device)  # [B, S]
         keep = blocks.keep[first : first + batch_size, 1:].to(device)  # [B, S-1] targets kept
         hidden = model(ids, router_mask=router_mask).hidden[:, :-1]  # [B, S-1, D] predictors
@@ -73,7 +82,17 @@ def run_blocks(
             p, h, logp = token_signals(
                 logits, targets[start : start + logits.shape[0]], entropy_top_k=entropy_top_k
             )
-            stats.add(p, h, logp)
+            if dist is None:
+                stats.add(p, h, logp)
+            else:
+                mine.setdefault(batch, []).append((p.cpu(), h.cpu(), logp.cpu()))
+        if dist is not None:
+            mine.setdefault(batch, [])
+            dist.batch_done()
+    if dist is not None:
+        for chunks in dist.gather_in_order(mine):
+            for p, h, logp in chunks:
+                stats.add(p, h, logp)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started
@@ -90,6 +109,7 @@ def collect_blocks(
     spec: HistogramSpec | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     router_mask: Sequence[torch.Tensor | None] | None = None,
+    dist: Any = None,
 ) -> dict[str, Any]:
     """One (pack, seq) entry of the JSON: provenance of the blocks plus the `model` summary."""
     stats = SignalStats(
@@ -103,6 +123,7 @@ def collect_blocks(
         stats=stats,
         chunk_tokens=chunk_tokens,
         router_mask=router_mask,
+        dist=dist,
     )
     return {
         "rows_seen": blocks.rows_seen,
@@ -260,8 +281,15 @@ def collect(
     dtype: str | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     experts_keep: Sequence[Sequence[int]] | None = None,
-) -> Path:
-    """Collect EAFT statistics of one model; returns the JSON path (see module docstring)."""
+    gpus: int = 1,
+    dist: Any = None,
+) -> Path | None:
+    """Collect EAFT statistics of one model; returns the JSON path (see module docstring).
+
+    `gpus > 1` runs the collection on that many torchrun ranks (versa_kernels.distributed) and
+    returns the path rank 0 wrote; `dist` is set only inside such a rank (others return None).
+    """
+    params = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items() if k != "dist"}
     seq_lens = _parse_int_csv(seq_lens_csv, "seq_lens_csv")
     files = _parse_str_csv(calib_pack_files)
     _check_params(
@@ -271,13 +299,20 @@ def collect(
     )  # fmt: skip
     if not files:
         raise ParameterError("calib_pack_files is empty; expected one or more parquet files")
+    if dist is None:
+        from versa_kernels.distributed import check_gpus, launch
+
+        check_gpus(gpus)
     model_path = _resolve_model_path(model_id, model_path)
+    if dist is None and gpus > 1:  # resolved (downloaded) once, here, not by every rank
+        return Path(launch("eaft_single", {**params, "model_path": model_path}, gpus))
     from transformers import AutoTokenizer
 
     from versa_kernels.gptoss.model import GptOssModel
 
     started = time.perf_counter()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(dist.device) if dist is not None else dev
     torch_dtype = getattr(torch, dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
     packs = {Path(f).stem: read_pack_texts(f) for f in _resolve_pack_files(calib_packs_repo, files)}
     packs[UNION_PACK] = list(union_rows(packs))
@@ -301,7 +336,7 @@ def collect(
             entry = collect_blocks(
                 model, blocks, batch_size=batch_size, entropy_top_k=entropy_top_k,
                 cc_quantile=cc_quantile, sample_points=sample_points, spec=spec,
-                chunk_tokens=chunk_tokens,
+                chunk_tokens=chunk_tokens, dist=dist,
             )  # fmt: skip
             results[name][str(seq_len)] = entry
             m = entry["model"]
@@ -348,6 +383,8 @@ def collect(
         "packs": [{"pack": name, "seq": seqs} for name, seqs in results.items()],
     }
     out = Path(out_root) / (run_id or time.strftime("%Y%m%d_%H%M%S")) / json_name(model_id)
+    if dist is not None and not dist.is_main:
+        return None  # rank 0 writes the file
     _write_json(out, doc)
     return out
 
