@@ -256,6 +256,7 @@ _BATCH = Param("--batch-size", "int", 1, "sequences per forward batch", low=1, h
 _PACKS_REPO = Param("--calib-packs-repo", "str", CALIB_PACKS_REPO, "HF dataset repo of calibration packs")
 _PACK_FILES = Param("--calib-pack-files", "str_csv", CALIB_PACK_FILES, "pack parquet files in the repo")
 _COUNT = {"low": 1, "high": 4096}  # expert counts and multiples
+_GPUS = Param("--gpus", "int", 1, "GPUs of the host to spread batches over (torchrun ranks)", low=1, high=64)
 _TOKENS = {"low": 1, "high": 1_048_576}  # token lengths
 
 
@@ -286,6 +287,7 @@ def _build_params(*, keep_frac: Param, layout_default: str) -> tuple[Param, ...]
         Param("--overwrite", "bool", False, "replace an existing --out-dir"),
         Param("--max-tokens-per-row", "int", 0, "cap on completion tokens scored per row "
               "(0 = score every completion token)", low=0, high=1_048_576),
+        _GPUS,
     )
 
 
@@ -338,6 +340,7 @@ _TASK_LIST = (
             Param("--sample-points", "int", 200_000, "(p, H) points kept for plots", low=0, high=100_000_000),
             Param("--top-k", "int", 4, "experts routed per token", low=1, high=128),
             Param("--entropy-top-k", "int", 20, "entropy over the top-k renormalized probs", low=2, high=1024),
+            _GPUS,
         ),
         ("artifacts/eaft_models/<run_id>/<model_id>.json",),
     ),
