@@ -11,8 +11,12 @@ different blocks or settings). Same as `versa-run summarize`.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from versa_runner.summarize import main
+# Works from a plain checkout too (no `pip install -e .`): the repo root holds versa_runner.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from versa_runner.summarize import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
