@@ -389,13 +389,13 @@ def profile_experts(
         "saver": _Saver(path, save_every_batches, save_every_s),
         "dist": dist,
     }
-    started = time.monotonic()
     tokens = sum(len(ex.input_ids) for ex in examples)
     if state["pass"] < 3 and model is None:
         if model_loader is None:
             raise ValueError("profile_experts needs a model (or a model_loader) to run a pass")
         model = model_loader()
     ctx["device"] = model_device(model) if model is not None else None
+    started = time.monotonic()  # tokens/s of the passes, not of loading the model
     with torch.inference_mode():
         if state["pass"] == 1:
             _signals_pass(model, batches, state, ctx)
