@@ -59,11 +59,15 @@ def test_logits_match_transformers_fp32(tiny, ours, ids) -> None:
     hf = _hf(tiny)
     with torch.no_grad():
         expected = hf(ids).logits
-    ours.query_chunk = 8  # several query chunks, each with a window offset
-    got = _logits(ours, ids)
-    ours.query_chunk = 1024
-    diff = (got - expected).abs().max().item()
-    assert diff < FP32_LOGIT_TOLERANCE, f"max |ours - transformers| = {diff:.3e}"
+    got = _logits(ours, ids)  # the fused attention (the default)
+    ours.query_chunk, ours.fused_attention = 8, False  # reference: several windowed query chunks
+    try:
+        got_reference = _logits(ours, ids)
+    finally:
+        ours.query_chunk, ours.fused_attention = 1024, True
+    for label, logits in (("fused", got), ("reference", got_reference)):
+        diff = (logits - expected).abs().max().item()
+        assert diff < FP32_LOGIT_TOLERANCE, f"max |ours ({label}) - transformers| = {diff:.3e}"
     # The comparison is meaningful: logits vary, sinks are non-zero, later layers matter.
     assert expected.std().item() > 0.1
     assert all(layer.self_attn.sinks.abs().min() > 0 for layer in ours.model.layers)
@@ -71,15 +75,14 @@ def test_logits_match_transformers_fp32(tiny, ours, ids) -> None:
 
 
 def test_fused_attention_and_query_chunks_agree_with_reference(ours, ids) -> None:
-    reference = _logits(ours, ids)
-    ours.query_chunk = 3
-    chunked = _logits(ours, ids)
-    ours.query_chunk = 1024
-    ours.fused_attention = True
+    fused = _logits(ours, ids)
+    ours.fused_attention = False
     try:
-        fused = _logits(ours, ids)
+        reference = _logits(ours, ids)
+        ours.query_chunk = 3
+        chunked = _logits(ours, ids)
     finally:
-        ours.fused_attention = False
+        ours.query_chunk, ours.fused_attention = 1024, True
     assert (chunked - reference).abs().max().item() < 1e-5
     assert (fused - reference).abs().max().item() < 1e-4
 
