@@ -236,6 +236,21 @@ def test_cc_under_left_thresholds_reported():
     assert row.cc_left_at_left_thr < 0.05
 
 
+def test_cc_under_thresholds_inside_the_first_bin():
+    # The 15% p quantile usually sits inside the first p bin (0.00625 wide): a midpoint rule
+    # would count nothing there.
+    from versa_runner.summarize import cc_rate_under_thresholds
+
+    counts = [0.0] * (XBINS * YBINS)
+    counts[0], counts[-1] = 100.0, 900.0  # cell (0, 0) and the top-right cell
+    model = _model(counts=counts)
+    share = cc_rate_under_thresholds(model, x_thr=0.00625 / 4, h_thr=0.03)
+    assert share == pytest.approx(0.1 / 4)  # a quarter of cell (0, 0) lies below x_thr
+    # With a reservoir sample the share is counted on the points themselves.
+    model["samples"] = [[0.001, 0.01], [0.002, 0.5], [0.5, 0.01], [0.0001, 0.02]]
+    assert cc_rate_under_thresholds(model, x_thr=0.0015, h_thr=0.03) == pytest.approx(0.5)
+
+
 def test_gates_file_shipped_and_validated(tmp_path):
     gates = load_gates()
     assert DEFAULT_GATES_PATH.is_file() and gates.name == "near-lossless-v1"

@@ -74,7 +74,8 @@ def render_markdown(
     lines += [
         "",
         "cc_L/cc_R use each run's own exact 15% thresholds. cc_L@L / cc_R@L put both runs under "
-        "the left run's thresholds, estimated from the 2-D histograms with bin midpoints.",
+        "the left run's thresholds, counted on each run's reservoir sample of (p, H) points (exact when "
+        "the sample holds every kept token; else from the 2-D histogram by cell area).",
         "",
         "## Plots",
         "",
