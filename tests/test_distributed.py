@@ -146,3 +146,34 @@ def test_eaft_single_on_two_ranks_equals_one_process(fx, cpu_ranks) -> None:
             assert ma[key] == mb[key], key
         for key in ("ppl", "mean_nll", "var_nll", "mean_prob", "mean_entropy"):
             assert math.isclose(ma[key], mb[key], rel_tol=1e-9, abs_tol=1e-12), key
+
+
+def test_notebook_cell_streams_the_ranks_and_fails_naming_the_dead_one(fx, cpu_ranks, tmp_path):
+    """eaft_single.ipynb with gpus=2 under papermill: torchrun runs from inside the cell."""
+    papermill = pytest.importorskip("papermill")
+    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "eaft_single.ipynb"
+    cpu_ranks.setenv("VERSA_DIST_FAIL_RANK", "0")  # the kernel and torchrun inherit the env
+    cpu_ranks.setenv("VERSA_DIST_FAIL_AFTER", "2")
+    params = dict(
+        model_id="tiny/nb", model_path=str(fx["model"]), calib_pack_files=fx["packs"],
+        seq_lens_csv=[64], num_blocks=5, sample_points=10, top_k=2, run_id="nb", gpus=2,
+    )  # fmt: skip
+    out = tmp_path / "out.ipynb"
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        papermill.execute_notebook(
+            str(notebook), str(out), parameters=params, cwd=str(tmp_path),
+            kernel_name="python3", progress_bar=False,
+        )  # fmt: skip
+    assert err.value.ename == "KernelError"
+    assert "distributed eaft_single failed: rank 0 died (exit code 17)" in err.value.evalue
+    streamed = "".join(
+        "".join(o.get("text", ""))  # a saved notebook stores text as a list of lines
+        for c in json.loads(out.read_text())["cells"]
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "stream"
+    )
+    # Live output of the ranks and torchrun's verdict; rank 1 only failed because rank 0 died,
+    # and the message names the root cause, not the rank that noticed.
+    assert "[rank 0]" in streamed and "rank 0: injected failure after 2 batches" in streamed
+    assert "Root Cause (first observed failure)" in streamed
+    assert not (tmp_path / "artifacts" / "eaft_models" / "nb").exists()  # nothing half-written
