@@ -28,6 +28,7 @@ make one rank exit hard after that many of its batches: a fault injector for tes
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import json
 import logging
@@ -54,6 +55,9 @@ ENV_FAIL_RANK = "VERSA_DIST_FAIL_RANK"
 ENV_FAIL_AFTER = "VERSA_DIST_FAIL_AFTER"
 FAULT_EXIT_CODE = 17  # exit status of an injected rank death (recognizable in the message)
 OUTPUT_TAIL_LINES = 200
+COLLECTIVE_TIMEOUT_S = 6 * 3600
+"""How long a rank waits in a gather for slower ranks (a resumed rank may have hours left).
+A dead rank does not wait this out: torchrun stops every rank as soon as one exits."""
 ENTRIES = {
     "build_pruned": "versa_kernels.eaftreap.build:build_pruned",
     "eaft_single": "versa_kernels.eaft.collector:collect",
@@ -229,7 +233,7 @@ def _init() -> DistContext:
         backend, device = "nccl", f"cuda:{local}"
     else:
         backend, device = "gloo", "cpu"
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     fail = os.environ.get(ENV_FAIL_RANK)
     fail_after = int(os.environ.get(ENV_FAIL_AFTER, "1")) if fail and int(fail) == rank else -1
     return DistContext(rank, world, local, backend, device, _fail_after=fail_after)

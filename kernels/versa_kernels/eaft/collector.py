@@ -312,8 +312,8 @@ def collect(
 
     started = time.perf_counter()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dev = torch.device(dist.device) if dist is not None else dev
     torch_dtype = getattr(torch, dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
+    dev = torch.device(dist.device) if dist is not None else dev  # a rank's own GPU, same dtype
     packs = {Path(f).stem: read_pack_texts(f) for f in _resolve_pack_files(calib_packs_repo, files)}
     packs[UNION_PACK] = list(union_rows(packs))
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -32,7 +32,7 @@ from versa_kernels.eaftreap.allocation import (
 from versa_kernels.eaftreap.manifest import write_build_outputs
 from versa_kernels.eaftreap.rewrite import check_output_dir
 from versa_kernels.eaftreap.scoring import SCORE_KEYS, EaftWeights, split_half_tau
-from versa_kernels.errors import ParameterError
+from versa_kernels.errors import KernelError, ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +261,10 @@ def build_pruned(
     from versa_kernels.gptoss.model import GptOssModel
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    dev = dist.device if dist is not None else dev
     dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    # A rank runs on its own GPU but in the dtype the notebook's process chose: the dtype is
+    # part of the profile fingerprint, so the re-cut below finds the ranks' finished state.
+    dev = dist.device if dist is not None else dev
     started = time.monotonic()
     loaded: list[Any] = []
 
@@ -272,10 +274,18 @@ def build_pruned(
         return loaded[0]
 
     dist_meta = launch("build_pruned", params, gpus) if gpus > 1 and dist is None else None
+
+    def no_model() -> Any:  # after the ranks profiled, this process must only re-cut
+        raise KernelError(
+            f"the {gpus} ranks finished but their profile state {art / PROFILE_STATE} does not "
+            "match this build's inputs",
+            hint="Re-run the build; if it repeats, report it with the run log.",
+        )
+
     pad_id = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
     eaft = EaftWeights(eaft_weight_good, eaft_weight_cc, eaft_weight_uncertain, eaft_cc_quantile)
     prof = profile_experts(
-        None, examples, model_loader=load_model, num_layers=L, num_experts=E, batch_size=batch_size, pad_id=pad_id,
+        None, examples, model_loader=load_model if dist_meta is None else no_model, num_layers=L, num_experts=E, batch_size=batch_size, pad_id=pad_id,
         weights=eaft, state_path=rank_state_path(art / PROFILE_STATE, dist),
         save_every_s=save_every_s, save_every_batches=save_every_batches,
         fingerprint_extra={"model": _model_fingerprint(base), "dtype": str(dtype)},
