@@ -148,6 +148,7 @@ def test_eaft_single_on_two_ranks_equals_one_process(fx, cpu_ranks) -> None:
             assert math.isclose(ma[key], mb[key], rel_tol=1e-9, abs_tol=1e-12), key
 
 
+@pytest.mark.slow
 def test_notebook_cell_streams_the_ranks_and_fails_naming_the_dead_one(fx, cpu_ranks, tmp_path):
     """eaft_single.ipynb with gpus=2 under papermill: torchrun runs from inside the cell."""
     papermill = pytest.importorskip("papermill")
