@@ -14,7 +14,7 @@ mkdir -p "$work"
 cd "$work"
 run() { echo "+ versa-run $*" >&2; versa-run "$@"; }
 
-run fixtures model models/base --trained
+run fixtures model models/base --trained --overwrite
 run fixtures packs packs
 packs="$PWD/packs/packs/reasoning_style_10k_v2/reasoning_style_10k_v2.parquet,$PWD/packs/tool_agentic_10k_v6.parquet,$PWD/packs/packs/calib_prompt_10000_v2/calib_prompt_10000_v2.parquet"
 
