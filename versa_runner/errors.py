@@ -89,7 +89,9 @@ class TargetError(VersaRunError):
 class UnreachableError(TargetError):
     """The target did not answer (connection refused, timeouts, 5xx after retries)."""
 
-    default_hint = "Check that the server is still running; `versa-run doctor` tests the connection."
+    default_hint = (
+        "Check that the server is still running; `versa-run doctor` tests the connection."
+    )
 
 
 class AuthError(TargetError):
@@ -145,4 +147,6 @@ class WaitTimeoutError(VersaRunError):
     """`wait --timeout` expired before the job reached a terminal state."""
 
     exit_code = ExitCode.WAIT_TIMEOUT
-    default_hint = "The job is still running; `versa-run wait RUN` again or `versa-run logs RUN --follow`."
+    default_hint = (
+        "The job is still running; `versa-run wait RUN` again or `versa-run logs RUN --follow`."
+    )

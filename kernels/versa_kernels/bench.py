@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from versa_kernels.eaftreap.fsio import atomic_write_text
 from versa_kernels.errors import ParameterError
+from versa_kernels.fsio import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import platform
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from pathlib import Path
 import torch
 
 from versa_kernels.errors import KernelError, ParameterError
+from versa_kernels.fsio import atomic_write_text
 from versa_kernels.gptoss.expert_math import SWIGLU_ALPHA, SWIGLU_LIMIT, moe_reference
 from versa_kernels.gptoss.mxfp4 import BYTES_PER_BLOCK, VALUES_PER_BLOCK, decode_mxfp4
 
@@ -198,7 +198,7 @@ def _validate(
         transformers_version=transformers.__version__,
         report_path=str(report_path),
     )
-    _atomic_write_text(
+    atomic_write_text(
         Path(report_path), render_report(result, seeds=seeds, trials=trials, command=command)
     )
     if not result.passed:
@@ -403,14 +403,3 @@ def render_report(
         "",
     ]
     return "\n".join(lines)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary in the same directory and rename, so readers never see half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -401,19 +401,9 @@ def _strict(value: Any) -> Any:
 
 
 def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
-    """Atomic write (temp + rename): a reader never sees half a JSON."""
+    """Atomic write (temp + rename): a reader never sees half a JSON; NaN is written as null."""
     import json
-    import os
-    import tempfile
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(_strict(dict(doc)), fh, allow_nan=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from versa_kernels.fsio import atomic_write_text
+
+    atomic_write_text(path, json.dumps(_strict(dict(doc)), allow_nan=False))

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from versa_kernels.eaftreap.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from versa_kernels.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 SCHEMA_VERSION = 1
 SCORES_PARQUET = "scores.parquet"

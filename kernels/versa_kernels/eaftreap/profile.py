@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from versa_kernels.eaftreap.fsio import atomic_write_bytes
 from versa_kernels.eaftreap.scoring import CLASS_NAMES, EaftWeights, ExpertAccumulators
+from versa_kernels.fsio import atomic_write_bytes
 from versa_kernels.harmony import completion_mask
 
 log = logging.getLogger(__name__)

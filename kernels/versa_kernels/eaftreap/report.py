@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from versa_kernels.eaftreap.fsio import atomic_write_text
+from versa_kernels.fsio import atomic_write_text
 
 __all__ = ["write_build_report"]
 

@@ -37,6 +37,16 @@ DEFAULT_SWIGLU_ALPHA = 1.702  # absent from the hub config.json; transformers' d
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
+MXFP4_QUANTIZATION_CONFIG = {
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+}
+"""The hub's quantization_config for gpt-oss (reference §2.5): experts MXFP4, the rest bf16."""
 
 # Keys a gpt-oss config must carry (after upgrades) for us to size the model.
 REQUIRED_KEYS = (

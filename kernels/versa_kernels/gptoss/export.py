@@ -20,20 +20,9 @@ from pathlib import Path
 import torch
 
 from versa_kernels.gptoss.checkpoint import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
-from versa_kernels.gptoss.config import CONFIG_FILE
+from versa_kernels.gptoss.config import CONFIG_FILE, MXFP4_QUANTIZATION_CONFIG
 from versa_kernels.gptoss.model import GptOssModel
 from versa_kernels.gptoss.mxfp4 import VALUES_PER_BLOCK, encode_mxfp4
-
-MXFP4_QUANTIZATION_CONFIG = {
-    "quant_method": "mxfp4",
-    "modules_to_not_convert": [
-        "model.layers.*.self_attn",
-        "model.layers.*.mlp.router",
-        "model.embed_tokens",
-        "lm_head",
-    ],
-}
-"""The hub's quantization_config for gpt-oss (§2.5): experts MXFP4, the rest not converted."""
 
 # Our expert tensor -> hub tensor base name (weights get _blocks/_scales, biases are stored as is).
 EXPERT_WEIGHT_NAMES = {"gate_up": "gate_up_proj", "down": "down_proj"}
