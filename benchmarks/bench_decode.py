@@ -16,24 +16,11 @@ Run: python benchmarks/bench_decode.py MODEL_DIR [--batch-sizes 1,8,32] [--promp
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_seconds
 from versa_kernels.decode import greedy_generate
 from versa_kernels.gptoss.model import GptOssModel
-
-
-def _median_time(fn, repeats: int, sync) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -80,8 +67,8 @@ def main() -> None:
             return out[:, ids.shape[1] :]
 
         same = (run_ours(8) == run_hf(8)).float().mean().item()
-        t_ours = _median_time(run_ours, args.repeats, sync)
-        t_hf = _median_time(run_hf, args.repeats, sync)
+        t_ours = median_seconds(run_ours, args.repeats, sync)
+        t_hf = median_seconds(run_hf, args.repeats, sync)
         tokens = batch * args.new_tokens
         print(
             f"batch {batch:3d}: native {tokens / t_ours:9.1f} tok/s, transformers "

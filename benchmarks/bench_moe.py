@@ -18,23 +18,10 @@ Run: python benchmarks/bench_moe.py [--tokens 4096] [--experts 32] [--hidden 288
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_seconds
 from versa_kernels.gptoss.expert_math import moe_grouped, moe_reference
-
-
-def _timed(fn, repeats: int, sync) -> float:
-    fn()  # warm-up (allocator, kernels)
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -93,9 +80,9 @@ def main() -> None:
               f"dtype {dtype}, tokens {args.tokens}, E={E}, D=F={D}, top-{K}")  # fmt: skip
         print(f"max |grouped - reference| = {(ours - ref).abs().max().item():.3e}")
         print(f"max |grouped - transformers| = {(ours - base).abs().max().item():.3e}")
-        t_hf = _timed(run_hf, args.repeats, sync)
-        t_grouped = _timed(lambda: moe_grouped(x, *weights, top_k=K), args.repeats, sync)
-        t_ref = _timed(lambda: moe_reference(x, *weights, top_k=K), args.repeats, sync)
+        t_hf = median_seconds(run_hf, args.repeats, sync)
+        t_grouped = median_seconds(lambda: moe_grouped(x, *weights, top_k=K), args.repeats, sync)
+        t_ref = median_seconds(lambda: moe_reference(x, *weights, top_k=K), args.repeats, sync)
     for label, t in ((f"transformers ({args.hf_impl})", t_hf), ("moe_grouped", t_grouped),
                      ("moe_reference", t_ref)):  # fmt: skip
         print(f"{label:24s} {t * 1e3:9.2f} ms  {args.tokens / t:12.0f} tok/s  "
