@@ -355,3 +355,38 @@ def test_output_plain_json_and_redaction(tmp_path: Path) -> None:
     first, second = (json.loads(line) for line in out.getvalue().splitlines())
     assert first["secret_names"] == ["HF_TOKEN"] and first["detached"] is False
     assert second["state"] == "succeeded" and second["exit_code"] == 0
+
+
+class _FlakyLog(LocalBackend):
+    """Fault injector in front of the real local backend: the first `cuts` log reads fail."""
+
+    def __init__(self, root: Path, cuts: int) -> None:
+        super().__init__(root)
+        self.cuts = cuts
+
+    def read_bytes(self, path: str, *, offset: int = 0, length: int | None = None):
+        if path.endswith("run.log") and self.cuts > 0:
+            self.cuts -= 1
+            from versa_runner.errors import UnreachableError
+
+            raise UnreachableError("injected: proxy dropped the connection")
+        return super().read_bytes(path, offset=offset, length=length)
+
+
+def test_follow_rides_out_a_dropped_connection_from_the_same_offset(tmp_path: Path) -> None:
+    from versa_runner.errors import UnreachableError
+
+    record = _record("20260101T000000Z-abcdef", tmp_path)
+    run = tmp_path / record.run_dir
+    _write(run / "input.ipynb", "{}")
+    _write(run / "status.json", {"state": "succeeded"})
+    _write(run / "exit_code", "0")
+    _write(run / "run.log", "first line\nsecond line\n")
+    emitted: list[str] = []
+    status = lifecycle.follow(_FlakyLog(tmp_path, cuts=2), record, emit=emitted.append,
+                              offset=len("first line\n"), sleep=lambda s: None)  # fmt: skip
+    assert status.state is RunState.SUCCEEDED and "".join(emitted) == "second line\n"
+    ticks = iter(range(0, 10_000, 100))
+    with pytest.raises(UnreachableError):  # past the patience window it gives up, loudly
+        lifecycle.follow(_FlakyLog(tmp_path, cuts=10**6), record, emit=emitted.append,
+                         sleep=lambda s: None, clock=lambda: float(next(ticks)), patience_s=600)  # fmt: skip

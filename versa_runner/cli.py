@@ -387,7 +387,10 @@ def _follow(
     """Stream the log to the end of the run; None when the user pressed Ctrl-C (job untouched)."""
 
     def keep_offset(new_offset: int) -> None:
+        # Journaled as it advances, so a follower that is killed (or re-attached through a new
+        # proxy URL) is resumed by the next `logs --follow` from here (versa_spec §8.6).
         record.log_offset = new_offset
+        runs.save_record(ctx.output_dir, record)
 
     try:
         status = lifecycle.follow(
@@ -422,6 +425,16 @@ def cmd_logs(ctx: Context) -> int:
                 raise UsageError(f"--tail: expected a non-negative number of lines, got {a.tail}")
             text, offset = lifecycle.tail_lines(backend, record, a.tail)
             ctx.out.log_text(text)
+        elif (
+            a.follow
+            and record.log_offset
+            and not lifecycle.read_status(backend, record).state.is_terminal
+        ):
+            offset = record.log_offset
+            ctx.out.info(
+                f"resuming the log at byte {offset}, where the last follower stopped "
+                "(--tail N shows earlier lines)"
+            )
         if a.follow:
             return (
                 0 if _follow(ctx, backend, record, offset=offset) is not None else INTERRUPTED_EXIT

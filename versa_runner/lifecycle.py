@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 RUNS_DIR = "versa_runs"
 STALE_AFTER_HEARTBEATS = 4  # a run is stale when its heartbeat is older than 4 intervals
 LOG_READ_BYTES = 1 << 20  # 1 MiB per Range read (versa_spec §8.15)
+FOLLOW_PATIENCE_S = 600.0
+"""How long `follow` keeps retrying an unreachable target before giving up."""
 LOG_POLL_S = 1.0  # follow/wait poll interval (brief: 1-2 s)
 SNIPPET_TIMEOUT_S = 60.0
 ERROR_CELL_TAG = "papermill-error-cell-tag"
@@ -405,13 +407,29 @@ def follow(
     offset: int = 0,
     poll_s: float = LOG_POLL_S,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    patience_s: float = FOLLOW_PATIENCE_S,
     on_offset: Callable[[int], None] | None = None,
 ) -> RunStatus:
-    """Stream run.log until the run is terminal, then do one final read; returns the status."""
+    """Stream run.log until the run is terminal, then do one final read; returns the status.
+
+    A target that stops answering (a dropped proxy, a Kaggle hiccup) is retried from the same
+    byte offset for up to `patience_s` seconds before the UnreachableError is raised.
+    """
     reader = LogReader(backend, record, offset=offset)
+    unreachable_since: float | None = None
     while True:
         status = read_status(backend, record)
-        text = reader.read_new()
+        try:
+            text = reader.read_new()
+        except UnreachableError:
+            now = clock()
+            unreachable_since = now if unreachable_since is None else unreachable_since
+            if now - unreachable_since > patience_s:
+                raise
+            sleep(poll_s)
+            continue
+        unreachable_since = None
         if text:
             emit(text)
             if on_offset is not None:
