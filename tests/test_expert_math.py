@@ -135,3 +135,37 @@ def test_router_matches_transformers_router() -> None:
 def test_hf_experts_class_is_the_one_compared() -> None:
     """Guard: the comparison above must go through GptOssExperts, not a patched class."""
     assert isinstance(_load_hf_mlp(_random_weights(0), _hf_config()).experts, GptOssExperts)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the grouped-GEMM path needs CUDA")
+class TestGroupedGemmCuda:
+    """`moe_grouped`'s CUDA bf16 path (two torch._grouped_mm calls) against the expert loop."""
+
+    def test_grouped_gemm_equals_the_loop(self) -> None:
+        from versa_kernels.gptoss.expert_math import _grouped_gemm_usable, moe_grouped
+
+        w = {k: v.to("cuda", torch.bfloat16) for k, v in _random_weights(7, num_experts=32).items()}
+        args = (
+            w["router_w"],
+            w["router_b"],
+            w["gate_up"],
+            w["gate_up_bias"],
+            w["down"],
+            w["down_bias"],
+        )
+        x = torch.randn(300, D, generator=torch.Generator().manual_seed(1)).to(
+            "cuda", torch.bfloat16
+        )
+        with torch.inference_mode():
+            assert _grouped_gemm_usable(x, w["gate_up"])
+            fast = moe_grouped(x, *args, top_k=K)
+        with torch.enable_grad():  # autograd on: the loop path
+            assert not _grouped_gemm_usable(x, w["gate_up"])
+            loop = moe_grouped(x, *args, top_k=K)
+        assert torch.equal(fast[1], loop[1]) and torch.equal(fast[2], loop[2])  # same routing
+        scale = loop[0].float().abs().max().item()
+        out_diff = (fast[0].float() - loop[0].float()).abs().max().item()
+        norm_diff = (fast[3] - loop[3]).abs().max().item() / loop[3].max().item()
+        print(f"grouped GEMM vs loop, bf16: max |dout| {out_diff:.3e} (max |out| {scale:.3f}), "
+              f"max relative |dnorm| {norm_diff:.3e}")  # fmt: skip
+        assert out_diff <= 2e-2 * scale and norm_diff <= 2e-2
