@@ -155,6 +155,8 @@ def moe_grouped(
 
     Same arguments as `moe_reference` plus `expert_mask` [E] (True = kept; masked experts get a
     router logit of -inf, which equals removing them, reference §1.10). Differentiable.
+    On CUDA in bf16 without autograd the experts run as two grouped GEMMs
+    (`_experts_grouped_gemm`); elsewhere as a loop over experts (`_experts_loop`).
 
     Returns (out [T, D], indices [T, K], gates [T, K], y_norm [T, K]) where y_norm is the L2 norm
     of each routed expert's own output y_e in fp32.
