@@ -346,3 +346,21 @@ def test_validate_task_detached_and_no_detach(tmp_path: Path) -> None:
         assert executed.exists()
         params = (run_dir(out_dir, run_id) / "params.yaml").read_text()
         assert "trials: 1" in params and "device: cpu" in params and f"run_id: {run_id}" in params
+
+
+def test_sync_watch_keeps_pulling_until_the_run_ends(tmp_path: Path) -> None:
+    env = runner_env(tmp_path)
+    run_id, _ = _start_sleeper(tmp_path, env, 4)
+    dest = tmp_path / "pulled"
+    try:
+        watched = cli(["sync", run_id, "--dest", str(dest), "--watch", "0.02"], tmp_path, env,
+                      timeout_s=120)  # fmt: skip
+        assert watched.returncode == 0, watched.stderr
+        assert "next sync in 1.2 s" in watched.stderr  # it synced while the job still ran
+        assert (dest / "artifacts" / "sleep_pids.txt").is_file()
+        executed = next((dest / "reports" / "notebooks").glob(f"{run_id}_*.ipynb"))
+        assert "SLEEP_DONE" in executed.read_text()  # the final sync came after the end
+        bad = cli(["sync", run_id, "--watch", "0"], tmp_path, env)
+        assert bad.returncode == 2 and "--watch" in bad.stderr
+    finally:
+        kill_run_processes(tmp_path, run_id)

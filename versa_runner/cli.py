@@ -15,6 +15,7 @@ import os
 import shlex
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -70,7 +71,7 @@ tasks: """
     "status": "examples:\n  versa-run status\n  versa-run status 20260101T0000 --json",
     "logs": "examples:\n  versa-run logs --tail 50\n  versa-run logs last --follow",
     "wait": "examples:\n  versa-run wait\n  versa-run wait RUN --timeout 3600",
-    "sync": "examples:\n  versa-run sync\n  versa-run sync RUN --only reports,output.ipynb --dest ./pulled",
+    "sync": "examples:\n  versa-run sync\n  versa-run sync RUN --only reports,output.ipynb --dest ./pulled\n  versa-run sync last --watch 10",
     "kill": "examples:\n  versa-run kill RUN\n  versa-run kill RUN --grace 5 --yes",
     "list": "examples:\n  versa-run list\n  versa-run list --json",
     "doctor": "examples:\n  versa-run doctor\n  versa-run doctor --url-file ~/.kaggle_url\n"
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sync":
             sub.add_argument("--only", default="", help="comma list of artifacts,reports,output.ipynb,run.log")
             sub.add_argument("--dest", default=None, help="destination directory (default: --output-dir)")
+            sub.add_argument("--watch", type=float, default=None, metavar="MIN",
+                             help="sync again every MIN minutes until the run ends (a session that dies keeps what was synced)")
         if name == "kill":
             sub.add_argument("--grace", type=float, default=30.0, metavar="S", help="seconds between SIGTERM and SIGKILL")
             sub.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
@@ -468,9 +471,31 @@ def cmd_sync(ctx: Context) -> int:
             raise UsageError(
                 f"--only: unknown item {item!r}; allowed: {', '.join(sorted(allowed))}"
             )
+    if a.watch is not None and a.watch <= 0:
+        raise UsageError(f"--watch: expected minutes > 0, got {a.watch:g}")
     dest = Path(a.dest).resolve() if a.dest else ctx.output_dir
     with ctx.backend_for(record) as backend:
         ctx.out.synced(sync.sync_run(backend, record, dest, only=only))
+        if a.watch is None:
+            return 0
+        return _watch_sync(ctx, backend, record, dest, only=only, every_s=a.watch * 60)
+
+
+def _watch_sync(
+    ctx: Context, backend: Backend, record: runs.RunRecord, dest: Path, *, only: list[str],
+    every_s: float,
+) -> int:  # fmt: skip
+    """Re-sync until the run is terminal, then once more (its last files land just before)."""
+    try:
+        while not lifecycle.read_status(backend, record).state.is_terminal:
+            ctx.out.info(f"watching {record.run_id}: next sync in {every_s:g} s (Ctrl-C stops "
+                         "watching, not the job)")  # fmt: skip
+            time.sleep(every_s)
+            ctx.out.synced(sync.sync_run(backend, record, dest, only=only))
+    except KeyboardInterrupt:
+        ctx.out.interrupted(record.run_id)
+        return INTERRUPTED_EXIT
+    ctx.out.synced(sync.sync_run(backend, record, dest, only=only))
     return 0
 
 
