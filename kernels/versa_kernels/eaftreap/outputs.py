@@ -172,7 +172,7 @@ def plot_allocation(
     ax2.set_xlabel("layer")
     ax2.set_ylabel("share of layer score mass kept")
     ax2.set_title("score mass kept per layer")
-    for ax in (ax1, ax2):  # whole layer numbers only (24 or 36 ticks would crowd: every 4th)
+    for ax in (ax1, ax2):  # whole layer numbers, about a dozen ticks at most (36 layers: every 3rd)
         ax.set_xticks(layers[:: max(1, len(layers) // 12)])
     fig.suptitle(title)
     fig.tight_layout()
