@@ -31,7 +31,7 @@ def _run_blocked(code: str) -> subprocess.CompletedProcess[str]:
 def test_help_works_without_torch() -> None:
     result = _run_blocked(
         "from versa_runner.cli import main\n"
-        "import versa_runner.lifecycle, versa_runner.sync, versa_runner.output, versa_runner.launcher\n"
+        "import versa_runner.runs.lifecycle, versa_runner.runs.sync, versa_runner.cli.output, versa_runner.target.launcher\n"
         "assert 'torch' not in sys.modules\n"
         "try:\n    main(['--help'])\nexcept SystemExit as e:\n    sys.exit(e.code)\n"
     )
@@ -185,7 +185,7 @@ def test_preflight_refuses_before_staging(tmp_path, monkeypatch, capsys) -> None
 
 
 def test_implicit_submit_finds_the_verb() -> None:
-    implicit = cli._with_implicit_submit
+    implicit = cli.with_implicit_submit
     assert implicit(["--task", "decode_bench", "--name", "status"])[0] == "submit"
     assert implicit(["--output-dir", "status", "--task", "x"])[0] == "submit"
     assert implicit(["--json", "status", "RUN"]) == ["--json", "status", "RUN"]

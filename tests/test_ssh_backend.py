@@ -18,8 +18,8 @@ import pytest
 
 from versa_runner.backends import get_backend_class
 from versa_runner.backends.base import Backend
-from versa_runner.backends.ssh import SshBackend, SshTarget, parse_ssh_spec
-from versa_runner.backends.ssh_target import load_key
+from versa_runner.backends.ssh.backend import SshBackend
+from versa_runner.backends.ssh.target import SshTarget, load_key, parse_ssh_spec
 from versa_runner.errors import (
     AuthError,
     TargetError,

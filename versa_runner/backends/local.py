@@ -3,8 +3,9 @@
 It speaks the same transport primitives as every other target, so the run lifecycle above it
 is the one remote runs use: files are written atomically under the root, and Python snippets
 run in a fresh `sys.executable -` process with the code on stdin (never in argv, so `ps` shows
-nothing a snippet carries) and an environment without secrets (`scrubbed_environment`). The job's working directory is the root itself, which is why syncing
-a local run transfers nothing.
+nothing a snippet carries) and an environment without secrets (`scrubbed_environment`).
+The job's working directory is the root itself, which is why syncing a local run transfers
+nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from versa_runner.backends.base import ProgressFn, RemoteStat
 from versa_runner.errors import TargetError, TransferError, UnsafePathError
 from versa_runner.fsutil import CHUNK_BYTES, atomic_write_bytes, sha256_file
-from versa_runner.secrets import is_never_forwarded, is_secret_name
+from versa_runner.runs.secrets import is_never_forwarded, is_secret_name
+
+if TYPE_CHECKING:
+    from versa_runner.backends import TargetOptions
 
 
 class LocalBackend:
@@ -155,3 +160,11 @@ def _translate_os_errors(path: str) -> Iterator[None]:
         yield
     except OSError as exc:
         raise TransferError(f"local file operation on {path} failed: {exc.strerror}") from exc
+
+
+def from_options(options: TargetOptions, *, root: str | None = None) -> LocalBackend:
+    """The local target: the run's recorded root, else the output directory."""
+    return LocalBackend(root or Path(options.output_dir).resolve())
+
+
+BACKEND_CLASS = LocalBackend
