@@ -11,7 +11,6 @@ nothing.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from versa_runner.backends.base import ProgressFn, RemoteStat
 from versa_runner.errors import TargetError, TransferError, UnsafePathError
-from versa_runner.fsutil import CHUNK_BYTES, atomic_write_bytes, sha256_file
+from versa_runner.fsutil import CHUNK_BYTES, atomic_copy, atomic_write_bytes, sha256_file
 from versa_runner.runs.secrets import is_never_forwarded, is_secret_name
 
 if TYPE_CHECKING:
@@ -68,15 +67,7 @@ class LocalBackend:
         """Copy a file under the root, sha256-verified, renamed into place."""
         target = self._resolve(path)
         with _translate_os_errors(path):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.upload.tmp")
-            try:
-                shutil.copyfile(local_path, tmp)
-                if sha256_file(tmp) != sha256_file(local_path):
-                    raise TransferError(f"upload of {path} did not verify (sha256 mismatch)")
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+            atomic_copy(local_path, target, expected_sha256=sha256_file(local_path))
         if progress is not None:
             progress(target.stat().st_size)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -27,7 +26,7 @@ from typing import Any
 
 from versa_runner.backends.base import Backend, call_target
 from versa_runner.errors import TransferError, UnsafePathError
-from versa_runner.fsutil import atomic_write_json, sha256_file
+from versa_runner.fsutil import atomic_copy, atomic_write_json, sha256_file
 from versa_runner.runs.journal import RunRecord
 
 LOCAL_MANIFEST = ".versa_manifest.json"
@@ -160,11 +159,5 @@ def copy_executed_notebook(record: RunRecord, dest_root: Path) -> Path | None:
     target = executed_notebook_path(dest_root, record)
     if target.exists() and sha256_file(target) == sha256_file(source):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_copy(source, target)
     return target

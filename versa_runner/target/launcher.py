@@ -308,7 +308,7 @@ def _signal_tree(pids: dict[int, int], sig: int, own_pgid: int) -> None:
 def main(argv: list[str]) -> int:
     """Entry point: `python launcher.py <run_dir>`."""
     if len(argv) != 2:
-        sys.stderr.write("usage: python launcher.py <run_dir>\n")
+        sys.stderr.write("usage: python launcher.pyz <run_dir>\n")
         return 2
     launcher = Launcher(argv[1])
     try:
