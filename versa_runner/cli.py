@@ -30,6 +30,7 @@ from versa_runner.backends.local import LocalBackend
 from versa_runner.errors import (
     BootstrapError,
     JobFailedError,
+    MissingExtraError,
     PreflightError,
     RunStateError,
     UsageError,
@@ -552,19 +553,22 @@ def _jupyter_doctor(ctx: Context, backend: Backend) -> int:
     return 0
 
 
-def _delegate(module: str, args: list[str]) -> int:
+def _delegate(verb: str, module: str, args: list[str]) -> int:
+    # A host-only install (no `gpu` extra) lacks torch, pyarrow, ...: name the extra, not a traceback.
     try:
         entry = importlib.import_module(module)
+        return int(entry.main(args) or 0)
     except ModuleNotFoundError as exc:
-        raise UsageError(f"{module} is not available in this build ({exc.name} missing)") from exc
-    return int(entry.main(args) or 0)
+        if exc.name is None or exc.name.split(".")[0] in ("versa_runner", "versa_kernels"):
+            raise
+        raise MissingExtraError(f"versa-run {verb}", exc.name.split(".")[0]) from exc
 
 
 COMMANDS = {
     "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "wait": cmd_wait,
     "sync": cmd_sync, "kill": cmd_kill, "list": cmd_list, "doctor": cmd_doctor,
-    "fixtures": lambda ctx: _delegate("versa_kernels.fixtures.cli", ctx.args.args),
-    "summarize": lambda ctx: _delegate("versa_runner.summarize", ctx.args.args),
+    "fixtures": lambda ctx: _delegate("fixtures", "versa_kernels.fixtures.cli", ctx.args.args),
+    "summarize": lambda ctx: _delegate("summarize", "versa_runner.summarize", ctx.args.args),
 }  # fmt: skip
 
 
