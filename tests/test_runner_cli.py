@@ -45,6 +45,34 @@ def test_help_works_without_torch() -> None:
     assert "--keep-frac" in task_help.stdout and "--calib-pack-sample-strategy" in task_help.stdout
 
 
+# The `gpu` extra's modules, missing as on a host-only install (`pip install versa-runner`).
+BLOCK_GPU_EXTRA = """
+import sys
+GPU_EXTRA = {"torch", "numpy", "safetensors", "pyarrow", "pandas", "matplotlib", "transformers",
+             "huggingface_hub", "tokenizers", "bpe_openai"}
+class _NoGpuExtra:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in GPU_EXTRA:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, _NoGpuExtra())
+"""
+
+
+@pytest.mark.parametrize("argv", [["fixtures", "packs"], ["fixtures", "model"]])
+def test_gpu_command_on_host_only_install_names_the_extra(argv: list[str], tmp_path) -> None:
+    code = f"from versa_runner.cli import main\nsys.exit(main({argv + [str(tmp_path / 'out')]!r}))\n"
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_GPU_EXTRA + code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "needs the package" in error_lines[0] and "fixtures" in error_lines[0]
+    assert "pip install 'versa-runner[gpu]'" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("verb", cli.VERBS)
 def test_every_command_help_has_examples(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
     try:

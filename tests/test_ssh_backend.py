@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import paramiko
 import pytest
+from ssh_fixtures import TARGET_PYTHON
 
 from versa_runner.backends import get_backend_class
 from versa_runner.backends.base import Backend
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ssh_fixtures import SshServer
 
 pytest_plugins = ["ssh_fixtures"]
-PYTHON = os.path.realpath(sys.executable)  # the sshd session's PATH may lack this Python
+PYTHON = TARGET_PYTHON
 
 
 def backend_for(server: SshServer, home: Path, root: Path, **target: object) -> SshBackend:

@@ -15,23 +15,26 @@ from versa_runner.cli import commands
 from versa_runner.cli.context import Context
 from versa_runner.cli.output import Output
 from versa_runner.cli.parser import build_parser, with_implicit_submit
-from versa_runner.errors import JobFailedError, UsageError, VersaRunError
+from versa_runner.errors import JobFailedError, MissingExtraError, UsageError, VersaRunError
 
 
-def _delegate(module: str, args: list[str]) -> int:
+def _delegate(verb: str, module: str, args: list[str]) -> int:
+    # A host-only install (no `gpu` extra) lacks torch, pyarrow, ...: name the extra, not a traceback.
     try:
         entry = importlib.import_module(module)
+        return int(entry.main(args) or 0)
     except ModuleNotFoundError as exc:
-        raise UsageError(f"{module} is not available in this build ({exc.name} missing)") from exc
-    return int(entry.main(args) or 0)
+        if exc.name is None or exc.name.split(".")[0] in ("versa_runner", "versa_kernels"):
+            raise
+        raise MissingExtraError(f"versa-run {verb}", exc.name.split(".")[0]) from exc
 
 
 COMMANDS = {
     "submit": commands.cmd_submit, "status": commands.cmd_status, "logs": commands.cmd_logs,
     "wait": commands.cmd_wait, "sync": commands.cmd_sync, "kill": commands.cmd_kill,
     "list": commands.cmd_list, "doctor": commands.cmd_doctor,
-    "fixtures": lambda ctx: _delegate("versa_kernels.fixtures.cli", ctx.args.args),
-    "summarize": lambda ctx: _delegate("versa_runner.parity.summarize", ctx.args.args),
+    "fixtures": lambda ctx: _delegate("fixtures", "versa_kernels.fixtures.cli", ctx.args.args),
+    "summarize": lambda ctx: _delegate("summarize", "versa_runner.parity.summarize", ctx.args.args),
 }  # fmt: skip
 
 
