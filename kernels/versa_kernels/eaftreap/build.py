@@ -30,6 +30,7 @@ from versa_kernels.eaftreap.allocation import AllocationPlan
 from versa_kernels.eaftreap.checks import check_params, plan_variants
 from versa_kernels.eaftreap.fingerprint import code_version, weights_fingerprint
 from versa_kernels.eaftreap.manifest import write_build_outputs
+from versa_kernels.eaftreap.reap_scores import load_reap_scores
 from versa_kernels.eaftreap.recut import ScoreSource, cut_variants, source_from_scores
 from versa_kernels.eaftreap.scoring import EaftWeights, split_half_tau
 from versa_kernels.errors import DataError, KernelError, ParameterError
@@ -187,6 +188,7 @@ def build_pruned(
         artifacts_dir or Path("artifacts") / (KEEPFRAC_SUBDIR if keepfrac_task else BUDGETED_SUBDIR)
     )
     variants = plan_variants(config, fracs, keepfrac_task, art, base, params)
+    snapshot = load_reap_scores(from_scores) if from_scores else None  # checked before hashing
     weights = weights_fingerprint(base, cache_path=art / WEIGHTS_SHA256_CACHE)
     if expect_weights_sha256 and weights.digest != expect_weights_sha256:
         raise ParameterError(
@@ -194,9 +196,9 @@ def build_pruned(
             f"expect_weights_sha256={expect_weights_sha256}",
             hint="Point model_path at the base model the recipe was built from.",
         )
-    if from_scores:
+    if snapshot is not None:
         source = source_from_scores(
-            from_scores, params=params, num_layers=L, num_experts=E, weights_digest=weights.digest
+            snapshot, params=params, num_layers=L, num_experts=E, weights_digest=weights.digest
         )
     else:
         profiled = _profile_source(params, base, config, art, weights.digest, on_batch, dist)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from versa_kernels.eaftreap.allocation import budget_keep_counts, core_experts, select_experts
-from versa_kernels.eaftreap.reap_scores import load_reap_scores
+from versa_kernels.eaftreap.reap_scores import ScoresSnapshot
 from versa_kernels.eaftreap.recipe import reap_recipe_doc
 from versa_kernels.errors import ParameterError
 
@@ -73,15 +73,15 @@ def profiling_block(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def source_from_scores(
-    path: str | Path,
+    snap: ScoresSnapshot,
     *,
     params: Mapping[str, Any],
     num_layers: int,
     num_experts: int,
     weights_digest: str,
 ) -> ScoreSource:
-    """Read a ``reap-scores.yaml`` into a ``ScoreSource`` (no model, no data)."""
-    snap = load_reap_scores(path)
+    """A read ``reap-scores.yaml`` as a ``ScoreSource`` (no model, no data)."""
+    path = snap.path
     if (snap.num_layers, snap.num_experts) != (num_layers, num_experts):
         raise ParameterError(
             f"from_scores={str(path)!r} scores {snap.num_layers} layers x {snap.num_experts} "
