@@ -91,3 +91,23 @@ def test_infeasible_flags_fail_before_any_work(inputs, tmp_path: Path, monkeypat
         with pytest.raises(ParameterError, match=message):
             build_pruned(**{**common, **overrides})
     assert not (tmp_path / "artifacts").exists()  # nothing profiled, nothing written
+
+
+def test_baseline_comparison_is_a_build_parameter(inputs, tmp_path: Path) -> None:
+    import yaml
+    from versa_kernels.eaftreap.build import build_pruned
+
+    ckpt, packs = inputs
+    result = build_pruned(
+        model_path=str(ckpt), calib_pack_files=[str(p) for p in packs], num_rows=4,
+        max_seq_length=96, keep_frac=0.75, min_keep_per_layer=16, max_keep_per_layer=32,
+        baseline_eval_rows=3, baseline_random_seeds=2, artifacts_dir=str(tmp_path / "art"),
+        reports_dir=str(tmp_path / "reports"),
+    )  # fmt: skip
+    v = result.variants[0]
+    b = v.baselines
+    assert b is not None and b["eval_rows"] == 3 and b["random_seeds"] == 2
+    assert len(b["random_ppl"]) == 2 and len(set(b["random_ppl"])) == 2  # two different prunes
+    assert "random (mean of 2)" in result.report_path.read_text()
+    recipe = yaml.safe_load((v.out_dir / "reap-recipe.yaml").read_text())
+    assert recipe["evaluation"] == {"baseline_eval_rows": 3, "baseline_random_seeds": 2}
