@@ -325,3 +325,20 @@ def test_bad_recut_and_baseline_parameters_fail_before_any_work(fx, built, tmp_p
     with pytest.raises(DataError, match="kind is 'reap_recipe', not 'reap_scores'"):
         _build(fx, tmp_path, from_scores=str(wrong_kind))
     assert not (tmp_path / "art").exists()  # nothing hashed, profiled or written
+
+
+def test_an_old_single_build_manifest_becomes_an_index_entry(tmp_path: Path) -> None:
+    from versa_kernels.eaftreap.variant_index import register_build
+
+    art = tmp_path / "art"
+    art.mkdir()
+    old = {"schema_version": 1, "variant_name": "old", "out_dir": "/ckpt/old",
+           "variants": {"old": {"out_dir": "/ckpt/old"}}}  # fmt: skip
+    (art / "manifest.json").write_text(json.dumps(old))
+    register_build(
+        art, records={"recut": {"out_dir": "/ckpt/recut"}}, primary=False,
+        build_manifest={"variant_name": "recut", "out_dir": "/ckpt/recut"}, primary_files={},
+    )  # fmt: skip
+    index = json.loads((art / "manifest.json").read_text())
+    assert index["variants"] == {"old": "/ckpt/old", "recut": "/ckpt/recut"}
+    assert index["out_dir"] == "/ckpt/old" and index["schema_version"] == 2

@@ -175,7 +175,9 @@ def build_pruned(
     if dist is None:
         check_gpus(gpus)
     keepfrac_task = isinstance(keep_frac, list | tuple)
-    fracs = [float(k) for k in (keep_frac if keepfrac_task else [keep_frac])]
+    fracs = (
+        [float(k) for k in keep_frac] if isinstance(keep_frac, list | tuple) else [float(keep_frac)]
+    )
     base = Path(model_path)
     config = GptOssConfig.from_dir(base)
     if not config.is_uniform:

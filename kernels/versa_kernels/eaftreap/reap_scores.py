@@ -14,6 +14,7 @@ cannot supply the positive-token mass, so a safety core by ``core_pos_top_m`` is
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -22,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from versa_kernels.eaftreap.fingerprint import file_sha256
 from versa_kernels.eaftreap.scoring import ExpertAccumulators
 from versa_kernels.errors import DataError, ParameterError
 from versa_kernels.fsio import atomic_write_text
@@ -116,6 +116,7 @@ class ScoresSnapshot:
 
     path: Path
     sha256: str
+    text: str  # the file as read (a re-cut ships it unchanged)
     schema_version: int
     score_key: str
     num_layers: int
@@ -180,7 +181,9 @@ def load_reap_scores(path: str | Path) -> ScoresSnapshot:
             hint="Pass the path of a reap-scores.yaml (it ships inside every pruned checkpoint).",
         )
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()  # read once: the digest, the parse and the shipped copy agree
+        text = data.decode("utf-8")
+        doc = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise _bad(path, f"not readable YAML ({exc})") from exc
     if not isinstance(doc, dict) or doc.get("kind") != KIND:
@@ -217,7 +220,8 @@ def load_reap_scores(path: str | Path) -> ScoresSnapshot:
         raise _bad(path, "some (layer, expert) has no score entry")
     return ScoresSnapshot(
         path=path.resolve(),
-        sha256=file_sha256(path),
+        sha256=hashlib.sha256(data).hexdigest(),
+        text=text,
         schema_version=int(version),
         score_key=str(doc.get("score_key", "eaft_gate_norm_sum")),
         num_layers=L,

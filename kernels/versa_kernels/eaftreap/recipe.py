@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from versa_kernels.errors import ParameterError
@@ -224,7 +223,7 @@ def build_from_recipe(
     ``check_inputs`` the build refuses calibration rows or base weights whose sha256 differs
     from the recipe's, before any forward.
     """
-    from versa_kernels.eaftreap.build import build_pruned
+    from versa_kernels.eaftreap.build import BuildResult, build_pruned
 
     params = {**build_params_from_recipe(recipe), **overrides}
     if check_inputs:
@@ -235,14 +234,11 @@ def build_from_recipe(
             "expect_weights_sha256", _get(recipe, "reproducibility.base_weights.digest") or ""
         )
     result = build_pruned(**params)
+    if not isinstance(result, BuildResult):  # only a torchrun rank (dist=...) returns a dict
+        raise TypeError("build_from_recipe runs in the notebook's process, not inside a rank")
     expected = _get(recipe, "result.keep_experts_by_layer")
     kept = result.variants[0].kept
     same = expected is not None and [list(map(int, ids)) for ids in expected] == kept
     if expected is not None and not same:
         log.warning("kept experts differ from the recipe's %s", recipe.get("name"))
     return result, same
-
-
-def recipe_path_in(checkpoint_dir: str | Path) -> Path:
-    """Where a pruned checkpoint ships its recipe."""
-    return Path(checkpoint_dir) / "reap-recipe.yaml"

@@ -108,7 +108,7 @@ def source_from_scores(
         sample=snap.sample,
         # Schema 1 files carry no profiling block: this call's values stand in, and say so.
         profiling={**profiling_block(params), **snap.profiling},
-        scores_yaml=snap.path.read_text(encoding="utf-8"),
+        scores_yaml=snap.text,
         cut_from=cut_from,
     )
 

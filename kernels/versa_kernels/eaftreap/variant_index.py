@@ -89,10 +89,13 @@ def _upgrade_v1(old: dict[str, Any]) -> dict[str, Any]:
     """A schema 1 manifest described one build; its variants become index entries."""
     log.info("manifest.json schema 1: filling variants/variant_records from its own build")
     variants = old.get("variants") or {}
-    records = {
-        name: {"out_dir": v.get("out_dir"), "artifacts_dir": None, "primary": True}
+    records = {  # our schema 1: name -> variant doc; the predecessor's: name -> out_dir
+        name: {
+            "out_dir": v.get("out_dir") if isinstance(v, dict) else str(v),
+            "artifacts_dir": None,
+            "primary": True,
+        }
         for name, v in variants.items()
-        if isinstance(v, dict)
     }
     return {
         **old,
