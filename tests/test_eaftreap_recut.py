@@ -342,3 +342,31 @@ def test_an_old_single_build_manifest_becomes_an_index_entry(tmp_path: Path) -> 
     index = json.loads((art / "manifest.json").read_text())
     assert index["variants"] == {"old": "/ckpt/old", "recut": "/ckpt/recut"}
     assert index["out_dir"] == "/ckpt/old" and index["schema_version"] == 2
+
+
+def test_keepfrac_task_variants_each_get_a_folder_and_rebuild_from_their_recipe(
+    fx, built, tmp_path
+) -> None:
+    from versa_kernels.eaftreap.recipe import build_from_recipe, build_params_from_recipe
+
+    scores = built.out_dir / "reap-scores.yaml"
+    kw = dict(keep_frac=[0.75, 0.5], layout="uniform", min_keep_per_layer=None)
+    res = _recut(fx, scores, tmp_path / "k", **kw)
+    names = [v.name for v in res.variants]
+    assert names == ["calib_union_keep6of8_k75_eaftreap", "calib_union_keep4of8_k50_eaftreap"]
+    index = json.loads((tmp_path / "k" / "art" / "manifest.json").read_text())
+    assert sorted(index["variants"]) == sorted(names)
+    top = json.loads((tmp_path / "k" / "art" / "keep_experts_by_layer.json").read_text())
+    assert top == {v.name: v.kept for v in res.variants}  # several variants: one entry each
+    for v in res.variants:
+        assert json.loads((v.record_dir / "keep_experts_by_layer.json").read_text()) == v.kept
+        recipe = yaml.safe_load((v.out_dir / "reap-recipe.yaml").read_text())
+        assert build_params_from_recipe(recipe)["keep_frac"] == [v.keep_frac]
+    recipe = yaml.safe_load((res.variants[1].out_dir / "reap-recipe.yaml").read_text())
+    again, same = build_from_recipe(
+        recipe, artifacts_dir=str(tmp_path / "again"), reports_dir=str(tmp_path / "reports")
+    )
+    assert same and again.variants[0].name == res.variants[1].name
+    recipe["scoring"]["entropy_topk"] = 32
+    with pytest.raises(ParameterError, match="entropy_topk=32"):
+        build_params_from_recipe(recipe)

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 KIND = "reap_recipe"
 SCHEMA_VERSION = 1
+ENTROPY_TOP_K = 20  # fixed by the profiler (eaftreap_spec §2.3)
 
 __all__ = ["build_from_recipe", "build_params_from_recipe", "reap_recipe_doc"]
 
@@ -77,7 +78,7 @@ def reap_recipe_doc(
         "scoring": {
             "method": "eaftreap",
             "top_k": plan.top_k,
-            "entropy_topk": meta.get("entropy_top_k", 20),
+            "entropy_topk": meta.get("entropy_top_k", ENTROPY_TOP_K),
             "cc_quantile": profiling["eaft_cc_quantile"],
             "uncertain_quantile": 1.0 - float(profiling["eaft_cc_quantile"]),
             "weights": {
@@ -177,6 +178,20 @@ _PARAM_PATHS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _check_fixed(recipe: Mapping[str, Any]) -> None:
+    """Recipe values the build cannot change are refused, never ignored."""
+    method = _get(recipe, "scoring.method")
+    if method not in (None, "eaftreap"):
+        raise ParameterError(f"recipe scoring.method={method!r}: this build scores 'eaftreap' only")
+    for dotted in ("scoring.entropy_topk", "scoring.entropy_top_k"):
+        value = _get(recipe, dotted)
+        if value not in (None, ENTROPY_TOP_K):
+            raise ParameterError(
+                f"recipe {dotted}={value!r}: the profile's entropy uses the top {ENTROPY_TOP_K} "
+                "logits (EAFT paper), no other value"
+            )
+
+
 def build_params_from_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
     """``build_pruned`` keyword arguments from a resolved ``reap_recipe`` mapping."""
     if recipe.get("kind") != KIND:
@@ -186,6 +201,7 @@ def build_params_from_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
             f"reap_recipe schema_version={recipe.get('schema_version')!r}; this code reads "
             f"{SCHEMA_VERSION}"
         )
+    _check_fixed(recipe)
     params: dict[str, Any] = {}
     for name, paths in _PARAM_PATHS.items():
         for dotted in paths:
