@@ -318,6 +318,7 @@ def test_bad_recut_and_baseline_parameters_fail_before_any_work(fx, built, tmp_p
         (dict(from_scores=str(tmp_path / "none.yaml")), "from_scores=.* is not a file"),
         (dict(expect_rows_sha256="abc"), "expect_rows_sha256='abc' must be empty or 64"),
         (dict(calib_pack_files=[]), "calib_pack_files is empty"),
+        (dict(out_dir=str(tmp_path / "art")), "holds the variant's artifacts folder"),
     ]
     for overrides, message in cases:
         with pytest.raises(ParameterError, match=message):

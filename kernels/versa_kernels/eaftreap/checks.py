@@ -155,6 +155,11 @@ def plan_variants(
         out_dir = p["out_dir"]
         dest = Path(out_dir) / name if out_dir and len(fracs) > 1 else Path(out_dir or "")
         dest = dest.resolve() if out_dir else records / CHECKPOINT_SUBDIR  # absolute: pasted
+        if dest == records or dest in records.parents:  # the rename would replace the records
+            raise ParameterError(
+                f"out_dir={out_dir!r} holds the variant's artifacts folder {records}",
+                hint="Leave out_dir empty (checkpoint under the variant folder) or pick another.",
+            )
         check_output_dir(base, dest, overwrite=p["overwrite"])
         if (records / "manifest.json").is_file() and not p["overwrite"]:
             raise ParameterError(
