@@ -371,3 +371,19 @@ def test_keepfrac_task_variants_each_get_a_folder_and_rebuild_from_their_recipe(
     recipe["scoring"]["entropy_topk"] = 32
     with pytest.raises(ParameterError, match="entropy_topk=32"):
         build_params_from_recipe(recipe)
+
+
+def test_a_recipe_extending_a_shipped_one_recuts_from_scores(fx, built, calls, tmp_path) -> None:
+    from versa_kernels.eaftreap.recipe import build_from_recipe
+
+    shipped = yaml.safe_load((built.out_dir / "reap-recipe.yaml").read_text())
+    child = {**shipped, "from_scores": "reap-scores.yaml"}  # what `extends` resolves to
+    child["model"] = {**shipped["model"], "keep_frac_requested": 0.5}
+    result, same = build_from_recipe(
+        child, recipe_dir=built.out_dir, artifacts_dir=str(tmp_path / "art"),
+        reports_dir=str(tmp_path / "reports"),
+    )  # fmt: skip
+    assert same is None  # the inherited result belongs to the 0.75 variant
+    assert calls == {"load": 0, "forward": 0}
+    assert result.profile_meta["cut_from"]["path"] == str(built.out_dir / "reap-scores.yaml")
+    assert sum(result.variants[0].keep_counts) == 16

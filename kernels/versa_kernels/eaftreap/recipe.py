@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from versa_kernels.errors import ParameterError
@@ -175,6 +176,7 @@ _PARAM_PATHS: dict[str, tuple[str, ...]] = {
     "eaft_weight_uncertain": ("scoring.weights.w_uncertain",),
     "baseline_eval_rows": ("evaluation.baseline_eval_rows",),
     "baseline_random_seeds": ("evaluation.baseline_random_seeds",),
+    "from_scores": ("from_scores",),
 }
 
 
@@ -229,32 +231,44 @@ def build_params_from_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
 def build_from_recipe(
     recipe: Mapping[str, Any],
     *,
+    recipe_dir: str | Path | None = None,
     check_inputs: bool = True,
     **overrides: Any,
-) -> tuple[BuildResult, bool]:
+) -> tuple[BuildResult, bool | None]:
     """Build what ``recipe`` describes; returns the result and whether the kept experts match.
 
     ``overrides`` are ``build_pruned`` arguments that win over the recipe (``model_path`` where
     the base lives on this machine, ``artifacts_dir``, ``out_dir``, ``reports_dir``, ...). With
     ``check_inputs`` the build refuses calibration rows or base weights whose sha256 differs
     from the recipe's, before any forward.
+
+    A recipe with a top-level ``from_scores: FILE`` (relative to ``recipe_dir``, the recipe
+    file's folder) re-cuts from that ``reap-scores.yaml`` with no forward, e.g. a child that
+    ``extends`` a shipped recipe and changes ``model.keep_frac_requested``.
+
+    The match is None when the recipe records no kept experts for this variant (its
+    ``result`` belongs to another ``pruned_model_label``, e.g. inherited through ``extends``).
     """
     from versa_kernels.eaftreap.build import BuildResult, build_pruned
 
     params = {**build_params_from_recipe(recipe), **overrides}
+    scores = params.get("from_scores")
+    if scores and recipe_dir is not None and not Path(scores).is_absolute():
+        params["from_scores"] = str(Path(recipe_dir) / scores)
     if check_inputs:
-        params.setdefault(
-            "expect_rows_sha256", _get(recipe, "profiling_data.sampling.rows_sha256") or ""
-        )
-        params.setdefault(
-            "expect_weights_sha256", _get(recipe, "reproducibility.base_weights.digest") or ""
-        )
+        if not params.get("from_scores"):  # a re-cut reads no rows
+            rows = _get(recipe, "profiling_data.sampling.rows_sha256") or ""
+            params.setdefault("expect_rows_sha256", rows)
+        digest = _get(recipe, "reproducibility.base_weights.digest") or ""
+        params.setdefault("expect_weights_sha256", digest)
     result = build_pruned(**params)
     if not isinstance(result, BuildResult):  # only a torchrun rank (dist=...) returns a dict
         raise TypeError("build_from_recipe runs in the notebook's process, not inside a rank")
     expected = _get(recipe, "result.keep_experts_by_layer")
-    kept = result.variants[0].kept
-    same = expected is not None and [list(map(int, ids)) for ids in expected] == kept
-    if expected is not None and not same:
-        log.warning("kept experts differ from the recipe's %s", recipe.get("name"))
+    variant = result.variants[0]
+    if expected is None or _get(recipe, "model.pruned_model_label") != variant.name:
+        return result, None
+    same = [[int(e) for e in ids] for ids in expected] == variant.kept
+    if not same:
+        log.warning("kept experts of %s differ from its recipe's", variant.name)
     return result, same
