@@ -67,6 +67,10 @@ def test_playbook_step1_runs_through_versa_run(inputs, tmp_path: Path) -> None:
     assert recipe["kind"] == "reap_recipe" and recipe["schema_version"] == 1
     scores = yaml.safe_load((art / "reap-scores.yaml").read_text())
     assert scores["kind"] == "reap_scores" and len(scores["ranking_by_layer"]) == 2
+    # The checkpoint ships both YAMLs; its variant has its own folder named in the index.
+    for name in ("reap-recipe.yaml", "reap-scores.yaml"):
+        assert (out / name).read_bytes() == (art / manifest["variant_name"] / name).read_bytes()
+    assert manifest["variants"] == {manifest["variant_name"]: str(out)}
     executed = next((tmp_path / "reports" / "notebooks").glob("*build_pruned*.ipynb"))
     assert '"image/png"' in executed.read_text()  # allocation plots shown inline
     assert any((tmp_path / "reports").glob("build_pruned_*_allocation.png"))
