@@ -387,3 +387,34 @@ def test_a_recipe_extending_a_shipped_one_recuts_from_scores(fx, built, calls, t
     assert calls == {"load": 0, "forward": 0}
     assert result.profile_meta["cut_from"]["path"] == str(built.out_dir / "reap-scores.yaml")
     assert sum(result.variants[0].keep_counts) == 16
+
+
+def test_two_builds_finishing_at_once_both_land_in_the_index(fx, built, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    scores = built.out_dir / "reap-scores.yaml"
+    art, reports = tmp_path / "art", tmp_path / "reports"
+    script = (
+        "import sys\n"
+        "from versa_kernels.eaftreap.build import build_pruned\n"
+        f"build_pruned(model_path={str(fx['model'])!r}, from_scores={str(scores)!r},\n"
+        "    keep_frac=float(sys.argv[1]), min_keep_per_layer=4, max_keep_per_layer=8,\n"
+        "    core_pos_top_m=1, keep_n_multiple_of=1,\n"
+        f"    artifacts_dir={str(art)!r}, reports_dir={str(reports)!r})\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, kf], env=env, stderr=subprocess.PIPE)
+        for kf in ("0.5", "0.625", "0.875")
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+    index = json.loads((art / "manifest.json").read_text())
+    assert len(index["variants"]) == 3
+    for name, out_dir in index["variants"].items():
+        record = json.loads((art / name / "manifest.json").read_text())
+        assert record["out_dir"] == out_dir and Path(out_dir, "reap-recipe.yaml").is_file()
+    assert index["out_dir"] in index["variants"].values()  # the first to finish became primary
