@@ -114,4 +114,9 @@ def test_baseline_comparison_is_a_build_parameter(inputs, tmp_path: Path) -> Non
     assert len(b["random_ppl"]) == 2 and len(set(b["random_ppl"])) == 2  # two different prunes
     assert "random (mean of 2)" in result.report_path.read_text()
     recipe = yaml.safe_load((v.out_dir / "reap-recipe.yaml").read_text())
-    assert recipe["evaluation"] == {"baseline_eval_rows": 3, "baseline_random_seeds": 2}
+    baselines = {"methods": ["frequency", "random"], "eval_rows": 3, "random_seeds": 2}
+    assert recipe["evaluation"] == {"baselines": baselines}
+    from versa_kernels.eaftreap.recipe import build_params_from_recipe
+
+    params = build_params_from_recipe(recipe)
+    assert (params["baseline_eval_rows"], params["baseline_random_seeds"]) == (3, 2)

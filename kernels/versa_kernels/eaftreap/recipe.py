@@ -121,9 +121,12 @@ def reap_recipe_doc(
             "byte_exact_slices": True,
             "mapping_file_in_model_dir": "expert_mapping.json",
         },
-        "evaluation": {
-            "baseline_eval_rows": params.get("baseline_eval_rows", 0),
-            "baseline_random_seeds": params.get("baseline_random_seeds", 5),
+        "evaluation": {  # held-out PPL against other prunes with the same counts (0 rows: off)
+            "baselines": {
+                "methods": ["frequency", "random"],
+                "eval_rows": params.get("baseline_eval_rows", 0),
+                "random_seeds": params.get("baseline_random_seeds", 5),
+            },
         },
         "result": {
             "keep_counts_by_layer": v.keep_counts,
@@ -174,8 +177,8 @@ _PARAM_PATHS: dict[str, tuple[str, ...]] = {
     "eaft_weight_good": ("scoring.weights.w_good",),
     "eaft_weight_cc": ("scoring.weights.w_conflict",),
     "eaft_weight_uncertain": ("scoring.weights.w_uncertain",),
-    "baseline_eval_rows": ("evaluation.baseline_eval_rows",),
-    "baseline_random_seeds": ("evaluation.baseline_random_seeds",),
+    "baseline_eval_rows": ("evaluation.baselines.eval_rows",),
+    "baseline_random_seeds": ("evaluation.baselines.random_seeds",),
     "from_scores": ("from_scores",),
 }
 
