@@ -418,3 +418,12 @@ def test_two_builds_finishing_at_once_both_land_in_the_index(fx, built, tmp_path
         record = json.loads((art / name / "manifest.json").read_text())
         assert record["out_dir"] == out_dir and Path(out_dir, "reap-recipe.yaml").is_file()
     assert index["out_dir"] in index["variants"].values()  # the first to finish became primary
+
+
+def test_the_recipe_mapper_imports_without_torch() -> None:
+    import subprocess
+    import sys
+
+    probe = "import sys, versa_kernels.eaftreap.recipe; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # the host may call build_params_from_recipe

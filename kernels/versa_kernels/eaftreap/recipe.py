@@ -10,7 +10,8 @@ scoring, allocation constraints, plus the kept experts it produced and the code 
 hand-written §9.1 shape too (``entropy_topk``, ``uniform_keep_n_across_layers``, no ``build``
 block): a key it does not find keeps ``build_pruned``'s default. ``build_from_recipe`` runs the
 build and, by default, refuses different calibration rows or weights before any forward, then
-says whether the kept experts match the recipe's.
+says whether the kept experts match the recipe's. Importing this module loads neither torch
+nor numpy, so the host side can map a recipe to task flags with ``build_params_from_recipe``.
 
 A recipe of a re-cut variant (``from_scores``) describes the *profile* the scores came from, so
 running it profiles again and reproduces the same scores and kept experts; ``source.cut_from``
