@@ -33,7 +33,7 @@ from versa_kernels.eaftreap.manifest import write_build_outputs
 from versa_kernels.eaftreap.reap_scores import load_reap_scores
 from versa_kernels.eaftreap.recut import ScoreSource, cut_variants, source_from_scores
 from versa_kernels.eaftreap.scoring import EaftWeights, split_half_tau
-from versa_kernels.errors import DataError, KernelError, ParameterError
+from versa_kernels.errors import KernelError, ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -82,37 +82,6 @@ class BuildResult:
     def out_dir(self) -> Path:
         """The (first) pruned checkpoint directory."""
         return self.variants[0].out_dir
-
-
-def _csv_list(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return [str(v) for v in value]
-
-
-def _resolve_pack_files(repo: str, files: list[str]) -> tuple[list[Path], list[str]]:
-    """Local paths as given; names that are not local files are fetched from ``repo``.
-
-    This is what lets the playbook's command run unchanged where the hub is unreachable: pass
-    local paths in ``calib_pack_files`` and the repo is recorded but not contacted.
-    """
-    from versa_kernels.packs import fetch_pack_files
-
-    paths, sources = [], []
-    for name in files:
-        if Path(name).is_file():
-            paths.append(Path(name))
-            sources.append("local")
-        elif repo:
-            paths.extend(fetch_pack_files(repo, [name]))
-            sources.append(f"hf:{repo}")
-        else:
-            raise DataError(f"calibration pack {name!r} is not a local file and no repo is set")
-    if repo and all(src == "local" for src in sources):
-        log.info("all calib_pack_files are local paths; %s was not contacted", repo)
-    return paths, sources
 
 
 def build_pruned(
@@ -227,43 +196,18 @@ def _profile_source(
 ) -> ScoreSource | dict[str, Any]:  # fmt: skip
     """Sample, tokenize and profile; a rank (``dist``) returns its profile meta instead."""
     import torch
-    from transformers import AutoTokenizer
 
     from versa_kernels.distributed import launch, rank_state_path
-    from versa_kernels.eaftreap.profile import prepare_examples, profile_experts
+    from versa_kernels.eaftreap.calibration import held_out_baselines, load_calibration
+    from versa_kernels.eaftreap.profile import profile_experts
     from versa_kernels.eaftreap.reap_scores import reap_scores_doc
     from versa_kernels.eaftreap.recut import profiling_block
     from versa_kernels.gptoss.model import GptOssModel
-    from versa_kernels.packs import load_packs, parse_weights_csv
 
     p = params
     L, E, K = config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok
-    weights_csv = p["calib_pack_weights_csv"]
-    if isinstance(weights_csv, list | tuple):
-        weights_csv = ",".join(str(w) for w in weights_csv)
-
-    # ---- data (CPU) -------------------------------------------------------------------------
-    pack_names = _csv_list(p["calib_pack_files"])
-    pack_paths, pack_sources = _resolve_pack_files(p["calib_packs_repo"], pack_names)
-    sample = load_packs(
-        pack_paths, num_rows=p["num_rows"], seed=p["seed"],
-        strategy=p["calib_pack_sample_strategy"],
-        weights=parse_weights_csv(weights_csv, len(pack_paths)),
-    )  # fmt: skip
-    if p["expect_rows_sha256"] and sample.rows_sha256 != p["expect_rows_sha256"]:
-        raise DataError(
-            f"calibration rows sha256 {sample.rows_sha256} differs from expect_rows_sha256="
-            f"{p['expect_rows_sha256']}: these packs or sampling settings are not the recipe's",
-            hint="Pass the recipe's pack files (same content) and sampling settings.",
-        )
-    sample_record = {
-        **sample.record(), "dataset_repo": p["calib_packs_repo"], "sources": pack_sources
-    }  # fmt: skip
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    examples = prepare_examples(
-        [r.text for r in sample.rows], tokenizer, max_seq_length=p["max_seq_length"],
-        max_tokens_per_row=p["max_tokens_per_row"],
-    )  # fmt: skip
+    calib = load_calibration(p, base)  # CPU: packs, rows (checked), tokenized examples
+    sample_record, examples = calib.record, calib.examples
 
     # ---- profile (GPU) ----------------------------------------------------------------------
     device, gpus, batch_size = p["device"], p["gpus"], p["batch_size"]
@@ -347,7 +291,7 @@ def _profile_source(
     )  # fmt: skip
 
     def evaluate(v: Variant) -> dict[str, Any]:
-        return _baselines(load_model(), tokenizer, sample, pack_paths, v, prof.acc.count, p)
+        return held_out_baselines(load_model(), calib, v, prof.acc.count, p)
 
     return ScoreSource(
         scores=prof.acc.score(score_key),
@@ -361,26 +305,3 @@ def _profile_source(
         cut_from=cut_from,
         evaluate=evaluate if p["baseline_eval_rows"] > 0 else None,
     )
-
-
-def _baselines(
-    model: Any, tokenizer: Any, sample: Any, pack_paths: list[Path], v: Variant,
-    count: np.ndarray, params: dict[str, Any],
-) -> dict[str, Any]:  # fmt: skip
-    """Held-out completion PPL of this variant vs frequency and random pruning."""
-    from versa_kernels.eaftreap.evaluate import compare_baselines
-    from versa_kernels.eaftreap.profile import prepare_examples
-    from versa_kernels.packs import load_packs
-
-    held_out = load_packs(
-        pack_paths, num_rows=int(params["baseline_eval_rows"]), seed=int(params["seed"]) + 1,
-        strategy="concat", exclude={(r.source_file, r.row_i) for r in sample.rows},
-    )  # fmt: skip
-    examples = prepare_examples(
-        [r.text for r in held_out.rows], tokenizer, max_seq_length=int(params["max_seq_length"])
-    )
-    result = compare_baselines(
-        model, examples, kept=v.kept, count=count, experts_per_layer=[v.plan.num_experts] * len(v.kept),
-        random_seeds=int(params["baseline_random_seeds"]), batch_size=int(params["batch_size"]),
-    )  # fmt: skip
-    return {**result, "eval_rows": len(held_out.rows), "eval_rows_sha256": held_out.rows_sha256}
