@@ -77,7 +77,7 @@ def _build_fields(
         "eaft": {k: meta.get(k) for k in EAFT_META_KEYS},
         "profile": meta,
         "cut_from": cut_from,
-        "files": list(VARIANT_FILES),
+        "files": [n for n in VARIANT_FILES if (v.record_dir / n).is_file()],
     }
 
 
