@@ -36,17 +36,19 @@ import subprocess
 import sys
 import time
 
-from . import files, proc
+from . import fileops, files, proc
 from .layout import (
     EXIT_CODE_FILE,
     HEARTBEAT_FILE,
     INPUT_NOTEBOOK,
     LAUNCH_FILE,
     LOG_FILE,
+    OUTPUT_DIRS,
     OUTPUT_NOTEBOOK,
     PARAMS_FILE,
     SECRETS_FILE,
     STATUS_FILE,
+    WRITTEN_FILE,
 )
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 15.0
@@ -90,6 +92,7 @@ class Launcher:
         self.kill_grace_s = float(self.config.get("kill_grace_s", DEFAULT_KILL_GRACE_S))
         self.status: dict[str, object] = {}
         self.stop_signal: int | None = None
+        self.started_epoch: float | None = None
         self.log = open(self._path(LOG_FILE), "ab", buffering=0)  # noqa: SIM115 (lives as long as the run)
 
     def _path(self, name: str) -> str:
@@ -124,6 +127,7 @@ class Launcher:
     def finish(self, state: str, exit_code: int) -> int:
         """Write `exit_code` first, then the final status (readers key off exit_code's presence)."""
         self.keep_executed_notebook()
+        self.record_written()
         files.atomic_write_text(self._path(EXIT_CODE_FILE), f"{exit_code}\n")
         self.write_status(state=state, exit_code=exit_code, ended_at=utc_now())
         self.say(f"state={state} exit_code={exit_code}")
@@ -143,6 +147,20 @@ class Launcher:
                 files.atomic_write_text(target, fh.read())
         except OSError as exc:  # evidence first: a failed copy must not lose the exit code
             self.say(f"could not copy the executed notebook to {relative}: {exc}")
+
+    def record_written(self) -> None:
+        """List in `written.json` the files under the cwd's artifacts/ and reports/ that changed
+        while this run lived: what `sync` brings back for it by default."""
+        if self.started_epoch is None:
+            return
+        cwd = str(self.config.get("cwd") or os.getcwd())
+        try:
+            found = fileops.walk(cwd, list(OUTPUT_DIRS))
+            paths = fileops.modified_since(cwd, found, self.started_epoch)
+            record = {"paths": paths, "since": self.started_epoch, "until": time.time()}
+            files.atomic_write_text(self._path(WRITTEN_FILE), json.dumps(record, indent=1))
+        except OSError as exc:  # evidence first: sync then falls back to the time window
+            self.say(f"could not record the files this run wrote: {exc}")
 
     def load_secrets(self) -> dict[str, str]:
         """Read and delete secrets.env; values go to the job env only."""
@@ -274,6 +292,7 @@ class Launcher:
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
         cwd = str(self.config.get("cwd") or os.getcwd())
+        self.started_epoch = time.time()
         self.write_status(
             state="running", started_at=utc_now(), pid=os.getpid(), pgid=os.getpgid(0),
             pid_start_ticks=proc.start_ticks(os.getpid()), host=socket.gethostname(),
