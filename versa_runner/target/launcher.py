@@ -50,6 +50,7 @@ from .layout import (
     STATUS_FILE,
     WRITTEN_FILE,
 )
+from .notebook import QUIET_WARNINGS
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 15.0
 DEFAULT_KILL_GRACE_S = 10.0
@@ -64,6 +65,14 @@ LOG_PREFIX = "[versa-runner]"
 # app, `versa_runner.target` in a checkout).
 TARGET_PATH_ENV = "VERSA_TARGET_PATH"
 TARGET_PACKAGE_ENV = "VERSA_TARGET_PACKAGE"
+
+
+# `python -c NOTEBOOK_BOOT <package path> <package name> <json>` runs `notebook.main` from the
+# same copy of this package the launcher runs from (zip app or checkout).
+NOTEBOOK_BOOT = (
+    "import importlib, sys; sys.path.insert(0, sys.argv[1]); "
+    "sys.exit(importlib.import_module(sys.argv[2] + '.notebook').main(sys.argv[3:]))"
+)
 
 
 def utc_now() -> str:
@@ -189,6 +198,10 @@ class Launcher:
             current = env.get("PYTHONPATH", "")
             env["PYTHONPATH"] = os.pathsep.join(extra + ([current] if current else []))
         env["PYTHONUNBUFFERED"] = "1"
+        quiet = ",".join(QUIET_WARNINGS)
+        env["PYTHONWARNINGS"] = (
+            f"{env['PYTHONWARNINGS']},{quiet}" if env.get("PYTHONWARNINGS") else quiet
+        )
         env.update(secrets)
         return env
 
@@ -231,18 +244,18 @@ class Launcher:
         return True
 
     def papermill_argv(self, cwd: str) -> list[str]:
-        """The papermill command line (versa_spec §8.5); secrets never appear in it."""
-        argv = [
-            sys.executable, "-m", "papermill",
-            self._path(INPUT_NOTEBOOK), self._path(OUTPUT_NOTEBOOK),
-            "-f", self._path(PARAMS_FILE), "--cwd", cwd,
-            "-k", str(self.config.get("kernel_name", "python3")),
-            "--log-output", "--no-progress-bar",
-            "--autosave-cell-every", str(AUTOSAVE_CELL_EVERY_S),
-        ]  # fmt: skip
-        if self.config.get("execution_timeout_s"):
-            argv += ["--execution-timeout", str(int(float(self.config["execution_timeout_s"])))]
-        return argv
+        """The job's command line: `notebook.run` of this package, i.e. papermill with the
+        options of versa_spec §8.5 (see `notebook`); secrets never appear in it."""
+        timeout = self.config.get("execution_timeout_s")
+        args = {
+            "input": self._path(INPUT_NOTEBOOK), "output": self._path(OUTPUT_NOTEBOOK),
+            "parameters": self._path(PARAMS_FILE), "cwd": cwd,
+            "kernel_name": str(self.config.get("kernel_name", "python3")),
+            "autosave_cell_every_s": AUTOSAVE_CELL_EVERY_S,
+            "execution_timeout_s": int(float(str(timeout))) if timeout else None,
+        }  # fmt: skip
+        path, package = package_location()
+        return [sys.executable, "-c", NOTEBOOK_BOOT, path, package, json.dumps(args)]
 
     def supervise(self, papermill: subprocess.Popen[bytes]) -> tuple[str, int]:
         """Wait for papermill, heartbeating; on a stop signal or deadline end its whole tree."""
