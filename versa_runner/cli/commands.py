@@ -177,8 +177,10 @@ def cmd_sync(ctx: Context) -> int:
         raise UsageError(f"--watch: expected minutes > 0, got {a.watch:g}")
     dest = Path(a.dest).resolve() if a.dest else ctx.output_dir
     with ctx.backend_for(record) as backend:
-        ctx.out.synced(sync.sync_run(backend, record, dest, only=only))
+        result = sync.sync_run(backend, record, dest, only=only, verify=a.verify)
+        ctx.out.synced(result)
         if a.watch is None:
+            result.raise_if_incomplete()
             return 0
         return _watch_sync(ctx, backend, record, dest, only=only, every_s=a.watch * 60)
 
@@ -197,7 +199,9 @@ def _watch_sync(
     except KeyboardInterrupt:
         ctx.out.interrupted(record.run_id)
         return INTERRUPTED_EXIT
-    ctx.out.synced(sync.sync_run(backend, record, dest, only=only))
+    last = sync.sync_run(backend, record, dest, only=only)
+    ctx.out.synced(last)
+    last.raise_if_incomplete()
     return 0
 
 

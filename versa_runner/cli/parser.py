@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--dest", default=None, help="destination directory (default: --output-dir)")
             sub.add_argument("--watch", type=float, default=None, metavar="MIN",
                              help="sync again every MIN minutes until the run ends (a session that dies keeps what was synced)")
+            sub.add_argument("--verify", action="store_true",
+                             help="re-hash every local copy against the target's sha256 (not only changed ones)")
         if name == "kill":
             sub.add_argument("--grace", type=float, default=30.0, metavar="S", help="seconds between SIGTERM and SIGKILL")
             sub.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
