@@ -32,7 +32,7 @@ def _delegate(verb: str, module: str, args: list[str]) -> int:
 COMMANDS = {
     "submit": commands.cmd_submit, "status": commands.cmd_status, "logs": commands.cmd_logs,
     "wait": commands.cmd_wait, "sync": commands.cmd_sync, "kill": commands.cmd_kill,
-    "list": commands.cmd_list, "doctor": commands.cmd_doctor,
+    "list": commands.cmd_list, "doctor": commands.cmd_doctor, "resume": commands.cmd_resume,
     "fixtures": lambda ctx: _delegate("fixtures", "versa_kernels.fixtures.cli", ctx.args.args),
     "summarize": lambda ctx: _delegate("summarize", "versa_runner.parity.summarize", ctx.args.args),
 }  # fmt: skip

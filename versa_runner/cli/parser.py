@@ -19,6 +19,7 @@ VERBS = (
     "wait",
     "sync",
     "kill",
+    "resume",
     "list",
     "doctor",
     "fixtures",
@@ -43,6 +44,8 @@ tasks: """
     "wait": "examples:\n  versa-run wait\n  versa-run wait RUN --timeout 3600",
     "sync": "examples:\n  versa-run sync\n  versa-run sync RUN --only reports,output.ipynb --dest ./pulled\n  versa-run sync last --watch 10",
     "kill": "examples:\n  versa-run kill RUN\n  versa-run kill RUN --grace 5 --yes",
+    "resume": "examples:\n  versa-run resume RUN                       # back to the run's own target\n"
+    "  versa-run resume RUN --url-file ~/.new_kaggle_url --no-detach",
     "list": "examples:\n  versa-run list\n  versa-run list --json",
     "doctor": "examples:\n  versa-run doctor\n  versa-run doctor --url-file ~/.kaggle_url\n"
     "  versa-run doctor --ssh me@gpu-box:2222 --ssh-accept-new",
@@ -134,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "kill":
             sub.add_argument("--grace", type=float, default=30.0, metavar="S", help="seconds between SIGTERM and SIGKILL")
             sub.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    resume = verb("resume", "submit a run again (same task, parameters, code) and continue from its synced state")
+    resume.add_argument("run", nargs="?", default=None, metavar="RUN", help=RUN_HELP)
+    resume.add_argument("--no-detach", action="store_true", help="stream the log, wait, sync, exit with the job's code")
     verb("list", "list runs in the journal, newest first")
     verb("doctor", "check the target: python, papermill, disk, GPUs")
     for name, text in (("fixtures", "build test fixtures (versa_kernels.fixtures)"),
