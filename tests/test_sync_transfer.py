@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -57,8 +58,24 @@ def _record(root: Path, run_id: str, backend: str = "jupyter") -> RunRecord:
                      created_at=dt.datetime.now(dt.timezone.utc).isoformat())  # fmt: skip
 
 
+_CREATED: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def _remove_remote_runs() -> Iterator[None]:
+    """The servers are shared by the whole session: leave no hostile name for other modules."""
+    yield
+    while _CREATED:
+        path = _CREATED.pop()
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def _remote_run(root: Path, run_id: str, files: dict[str, bytes]) -> RunRecord:
     """A finished run's outputs on the "remote" root: `files` plus the run's log."""
+    _CREATED.extend([root / "artifacts" / run_id, root / "versa_runs" / run_id])
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
@@ -96,7 +113,8 @@ def test_jupyter_sync_finishes_when_every_connection_is_cut_after_64_kib(
         assert proxy.cuts >= len(data) // CUT_BYTES > 4 * FAST_RETRY.attempts
     local = dest / "artifacts" / run_id / "big.bin"
     assert _sha(local) == hashlib.sha256(data).hexdigest()
-    assert f"artifacts/{run_id}/big.bin" in result.transferred and not result.refused
+    assert f"artifacts/{run_id}/big.bin" in result.transferred
+    assert not [r for r in result.refused if run_id in r.path]
     assert not list(dest.rglob("*.part"))
 
 
@@ -233,6 +251,7 @@ def test_local_edit_with_same_size_is_detected_and_verify_rehashes(
     rel = f"reports/{run_id}.md"
     data = b"kept experts: 12 of 16\n" * 100
     record = _remote_run(token_server.root_dir, run_id, {rel: data})
+    _CREATED.append(token_server.root_dir / rel)
     dest = tmp_path / "dest"
     local = dest / rel
     with _jupyter(token_server) as backend:
@@ -300,6 +319,8 @@ def test_every_name_is_synced_or_refused_alone(token_server: JupyterServer, tmp_
     (outside / "secret.txt").write_text("not yours\n")
     (root / "artifacts" / run_id / "escape").symlink_to(outside)
     (root / "artifacts" / run_id / "escape_file").symlink_to(outside / "secret.txt")
+    with open(os.fsencode(root / "artifacts" / run_id) + b"/latin1_\xe9t\xe9", "wb") as fh:
+        fh.write(b"not UTF-8\n")  # a name no URL or local UTF-8 path can carry faithfully
     sha = "0" * 64
     forged = [
         {"path": f"artifacts/{run_id}/nul\x00name", "size_bytes": 1, "mtime": 0, "sha256": sha},
@@ -316,13 +337,14 @@ def test_every_name_is_synced_or_refused_alone(token_server: JupyterServer, tmp_
         assert (dest / rel).read_bytes() == data, rel
     assert set(good) <= set(result.transferred)
     reasons = {r.path: r.reason for r in result.refused}
-    assert len(result.refused) == 8, [r.line() for r in result.refused]
+    assert len(result.refused) == 9, [r.line() for r in result.refused]
     assert "a symlink to" in reasons[f"artifacts/{run_id}/escape"]
     assert "outside the target root" in reasons[f"artifacts/{run_id}/escape_file"]
     assert "NUL" in reasons[f"artifacts/{run_id}/nul\x00name"]
     assert "size_bytes" in reasons[f"artifacts/{run_id}/bad_size"]
     assert any("expected an object" in r.reason for r in result.refused)
     assert ".." in reasons["../../etc/passwd"]
+    assert reasons[f"artifacts/{run_id}/latin1_\\xe9t\\xe9"] == "the name is not valid UTF-8"
     assert "252 bytes" in reasons[f"artifacts/{run_id}/{long_name}"]
     assert "300 bytes" in reasons[f"artifacts/{run_id}/" + "z" * 300]
     for refusal in result.refused:  # one printable line each
@@ -340,7 +362,7 @@ def test_every_name_is_synced_or_refused_alone(token_server: JupyterServer, tmp_
     assert done.returncode == 3, done.stdout + done.stderr
     printed = done.stdout + done.stderr
     assert "Traceback" not in printed and "expired" not in printed
-    assert printed.count("refused ") >= 3 and "3 name(s) refused" in printed
+    assert printed.count("refused ") >= 4 and "4 name(s) refused" in printed
     for rel, data in good.items():
         assert (out / rel).read_bytes() == data
 

@@ -122,11 +122,9 @@ def safe_destination(dest_root: Path, relative: str, *, limit: int = DEFAULT_NAM
 
 
 def accept(
-    raw_entries: Any, dest_root: Path
+    raw_entries: list[Any], dest_root: Path
 ) -> tuple[list[tuple[ManifestEntry, Path]], list[Refusal]]:
     """Split a manifest into (entry, local path) pairs to sync and refusals, one per bad entry."""
-    if not isinstance(raw_entries, list):
-        return [], [Refusal("<manifest>", "malformed manifest: no list of entries")]
     limit = name_max(dest_root)
     kept: list[tuple[ManifestEntry, Path]] = []
     refused: list[Refusal] = []

@@ -21,7 +21,6 @@ rank with `--gpus N`, `versa_kernels.distributed.rank_state_path`).
 from __future__ import annotations
 
 import fnmatch
-import io
 import json
 import shutil
 import tarfile
@@ -128,7 +127,7 @@ def notebook_from_archive(archive: codesync.CodeArchive, member: str, out_dir: P
             raise UsageError(f"the run's code archive holds no notebook {member!r}")
         target = out_dir / PurePosixPath(member).name
         with open(target, "wb") as out:
-            shutil.copyfileobj(io.BufferedReader(source), out)  # type: ignore[arg-type]
+            shutil.copyfileobj(source, out)
     return target
 
 

@@ -84,7 +84,10 @@ def remote_manifest(
         for item in reply.get("refused") or []
         if isinstance(item, dict)
     ]
-    return reply.get("entries"), refused
+    entries = reply.get("entries")
+    if not isinstance(entries, list):
+        return [], [*refused, Refusal("<manifest>", "malformed manifest: no list of entries")]
+    return entries, refused
 
 
 def load_local_manifest(dest_root: Path) -> dict[str, Any]:
