@@ -211,6 +211,26 @@ def test_disk_filling_mid_file_keeps_the_part_and_resumes(
     assert (roomy / rel).read_bytes() == data
 
 
+def test_ssh_disk_filling_mid_file_is_the_same_one_line_error(
+    sshd: SshServer, tmp_path: Path, small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "remote_root"
+    run_id = "20260101T000008Z-sshfull"
+    data = os.urandom(3 * 1024 * 1024)
+    record = _remote_run(root, run_id, {"artifacts/full/ckpt.bin": data})
+    home = sshd.home_with_known_host(tmp_path / "home")
+    target = SshTarget(host="127.0.0.1", user=sshd.user, port=sshd.port, key_file=sshd.client_key,
+                       known_hosts=home / ".ssh" / "known_hosts")  # fmt: skip
+    monkeypatch.setattr(transfer, "free_bytes", lambda folder: 1 << 40)  # reach the real ENOSPC
+    with SshBackend(target, remote_root=str(root), python=TARGET_PYTHON) as backend:
+        with pytest.raises(DiskFullError, match="more bytes needed") as caught:
+            sync.sync_run(backend, record, small_disk, only=["artifacts"])
+    assert "\n" not in str(caught.value) and str(small_disk) in str(caught.value)
+    part = small_disk / "artifacts/full/ckpt.bin.part"
+    assert 0 < part.stat().st_size < len(data)
+    assert part.read_bytes() == data[: part.stat().st_size]
+
+
 # -- 3. content verification --------------------------------------------------------------------
 
 
