@@ -28,8 +28,8 @@ from versa_runner.backends.base import Backend
 from versa_runner.backends.jupyter.backend import JupyterBackend, RetryPolicy
 from versa_runner.backends.ssh.backend import SshBackend
 from versa_runner.backends.ssh.target import SshTarget
-from versa_runner.errors import DiskFullError
-from versa_runner.runs import journal, sync, transfer
+from versa_runner.errors import DiskFullError, UnsafePathError
+from versa_runner.runs import entries, journal, sync, transfer
 from versa_runner.runs.journal import RunRecord
 
 if TYPE_CHECKING:
@@ -391,3 +391,41 @@ def test_cli_help_lists_verify() -> None:
     done = subprocess.run([sys.executable, "-m", "versa_runner.cli", "sync", "--help"],
                           capture_output=True, text=True, check=False)  # fmt: skip
     assert "--verify" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ({"path": "a", "size_bytes": True, "mtime": 0, "sha256": "0" * 64}, "size_bytes"),
+        ({"path": "a", "size_bytes": -1, "mtime": 0, "sha256": "0" * 64}, "size_bytes"),
+        ({"path": "a", "size_bytes": 1, "mtime": "x", "sha256": "0" * 64}, "mtime"),
+        ({"path": "a", "size_bytes": 1, "mtime": 0, "sha256": "0" * 63}, "sha256"),
+        ({"path": "a", "size_bytes": 1, "mtime": 0, "sha256": "G" * 64}, "sha256"),
+        ({"path": 5, "size_bytes": 1, "mtime": 0, "sha256": "0" * 64}, "path"),
+        ("artifacts/x", "expected an object"),
+    ],
+)
+def test_malformed_manifest_entries_are_named(raw: Any, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        entries.parse_entry(raw)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("a/\x00b", "NUL"),
+        ("a/\udcffb", "UTF-8"),
+        ("a/" + "é" * 126, "252 bytes"),  # 126 characters, 252 bytes: + .part is over 255
+        ("/etc/passwd", "absolute"),
+        ("a/../b", "'..'"),
+        ("a\\b", "backslash"),
+    ],
+)
+def test_unwritable_names_are_refused_with_their_reason(name: str, reason: str) -> None:
+    with pytest.raises(UnsafePathError, match=reason):
+        entries.check_name(name)
+
+
+def test_names_starting_with_dots_are_ordinary(tmp_path: Path) -> None:
+    for name in ("..hidden_dots", ".config/x", "a/...b", "x" * 250):
+        assert entries.safe_destination(tmp_path, name) == tmp_path.resolve() / name

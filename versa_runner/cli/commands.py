@@ -24,6 +24,7 @@ from versa_runner.errors import (
     PreflightError,
     RunStateError,
     UsageError,
+    VersaRunError,
 )
 from versa_runner.runs import journal, lifecycle, logs, resume, sync
 from versa_runner.runs.journal import RunRecord
@@ -104,9 +105,14 @@ def _keep_submission(
     *,
     resumed_from: str | None = None,
 ) -> None:
-    """Keep what `versa-run resume` needs to submit this run again (issue 14)."""
+    """Keep what `versa-run resume` needs to submit this run again (issue 14). The job is
+    already launched: a failure here only costs the ability to resume, so it is a warning."""
     a = ctx.args
-    code = resume.keep_code(ctx.output_dir, PROJECT_ROOT)
+    try:
+        code = resume.keep_code(ctx.output_dir, PROJECT_ROOT)
+    except (VersaRunError, OSError) as exc:
+        ctx.out.info(f"warning: run {record.run_id} cannot be resumed later: {exc}")
+        return
     resume.remember_submission(ctx.output_dir, resume.Submission(
         run_id=record.run_id, task=record.task, notebook=resume.archive_member(notebook, PROJECT_ROOT),
         params=params, code_sha256=code.sha256, env_pairs=list(a.env), secret_names=list(a.secret),

@@ -152,12 +152,13 @@ def sync_run(
     result = SyncResult([], [], 0, None, refused=[*refused, *bad_names])
     todo: list[tuple[ManifestEntry, Path]] = []
     for entry, target in accepted:
-        known = local.get(entry.path, {})
-        if _matches(entry, target, known if isinstance(known, dict) else {}, verify):
+        known = local.get(entry.path)
+        known = known if isinstance(known, dict) else {}
+        if _matches(entry, target, known, verify):
             result.skipped.append(entry.path)
             _remember(local, entry, target)
         else:
-            if target.exists():
+            if target.exists() and known.get("sha256") == entry.sha256:  # the target is unchanged
                 result.repaired.append(entry.path)
             todo.append((entry, target))
     needed = sum(max(entry.size_bytes - transfer.part_size(target), 0) for entry, target in todo)
