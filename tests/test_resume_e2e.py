@@ -26,8 +26,6 @@ from runner_support import cli, runner_env, wait_for
 
 from versa_runner.target import proc
 
-pytestmark = pytest.mark.slow
-
 TASK = "build_pruned_20b_eaftreap_budgeted"
 SUBDIR = "20b_pruned_models_eaftreap_budgeted"
 ROWS = 48
@@ -71,6 +69,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_killed_mid_profile_resumes_on_a_fresh_server_and_matches(tmp_path: Path) -> None:
     from versa_kernels.eaftreap.build import build_pruned
     from versa_kernels.fixtures import make_calib_packs, make_tiny_checkpoint
@@ -146,3 +145,31 @@ def test_killed_mid_profile_resumes_on_a_fresh_server_and_matches(tmp_path: Path
     assert resumed_scores == reference_scores
     for key in ("p_lo", "h_lo", "scored_tokens", "region_counts"):
         assert meta[key] == ref_meta[key], key
+
+
+def test_resume_refuses_in_one_line_without_submission_or_state(tmp_path: Path) -> None:
+    from versa_runner.runs import journal, resume
+    from versa_runner.runs.journal import RunRecord
+
+    out = tmp_path / "out"
+    run_id = "20260101T000000Z-noresm"
+    journal.save_record(out, RunRecord(run_id=run_id, task=TASK, notebook="build_pruned.ipynb",
+                                       backend="local", target="local", root=str(out),
+                                       run_dir=f"versa_runs/{run_id}", job_cwd=str(out),
+                                       params_hash="0", created_at="2026-01-01T00:00:00+00:00"))  # fmt: skip
+    env = runner_env(tmp_path)
+    done = cli(["--output-dir", str(out), "resume", run_id], tmp_path, env)
+    assert done.returncode == 2 and "no submission was kept" in done.stderr.splitlines()[0]
+    code = resume.keep_code(out, resume_project_root())
+    resume.remember_submission(out, resume.Submission(
+        run_id=run_id, task=TASK, notebook="notebooks/build_pruned.ipynb", params={},
+        code_sha256=code.sha256))  # fmt: skip
+    done = cli(["--output-dir", str(out), "resume", run_id], tmp_path, env)
+    assert done.returncode == 2 and "no resumable state" in done.stderr.splitlines()[0]
+    assert "Traceback" not in done.stderr
+
+
+def resume_project_root() -> Path:
+    from versa_runner.runs.prepare import PROJECT_ROOT
+
+    return PROJECT_ROOT
