@@ -429,3 +429,34 @@ def test_unwritable_names_are_refused_with_their_reason(name: str, reason: str) 
 def test_names_starting_with_dots_are_ordinary(tmp_path: Path) -> None:
     for name in ("..hidden_dots", ".config/x", "a/...b", "x" * 250):
         assert entries.safe_destination(tmp_path, name) == tmp_path.resolve() / name
+
+
+def test_artifacts_symlinked_out_of_the_root_is_named_not_an_auth_error(tmp_path: Path) -> None:
+    from jupyter_fixtures import start_jupyter_server
+
+    server = start_jupyter_server(tmp_path / "server", token="t" + os.urandom(8).hex())
+    try:
+        outside = tmp_path / "elsewhere"
+        (outside / "sub").mkdir(parents=True)
+        (outside / "sub" / "ckpt.bin").write_bytes(b"outside the root\n")
+        (server.root_dir / "artifacts").symlink_to(outside)
+        run_id = "20260101T000009Z-artlink"
+        record = _remote_run(server.root_dir, run_id, {"reports/summary.md": b"# ok\n"})
+        out = tmp_path / "out"
+        journal.save_record(out, record)
+        (tmp_path / "url").write_text(server.url)
+        (tmp_path / "token").write_text(server.token or "")
+        argv = ["--output-dir", str(out), "sync", run_id, "--url-file", str(tmp_path / "url"),
+                "--token-file", str(tmp_path / "token")]  # fmt: skip
+        done = cli(argv, tmp_path, runner_env(tmp_path))
+    finally:
+        server.stop()
+    printed = done.stdout + done.stderr
+    assert done.returncode == 3, printed
+    assert (
+        f"refused artifacts: a symlink to {outside.resolve()}, outside the target root" in printed
+    )
+    assert "expired" not in printed and "Traceback" not in printed
+    assert (out / "reports" / "summary.md").read_bytes() == b"# ok\n"
+    assert (out / "versa_runs" / run_id / "run.log").read_text() == "done\n"
+    assert not (out / "artifacts").exists()
