@@ -165,7 +165,6 @@ def sync_run(
     try:
         transfer.check_room(dest_root, needed)
         for entry, target in todo:
-            target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 result.bytes_transferred += transfer.fetch(backend, entry, target)
             except TransferError as exc:

@@ -78,6 +78,28 @@ def fetch(
     part may hold bytes of an older version); a second mismatch is a TransferError.
     """
     policy = policy or FetchPolicy()
+    try:
+        return _fetch(backend, entry, target, policy)
+    except OSError as exc:  # local writes: a full disk stops the sync, anything else this file
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(entry, target) from None
+        raise TransferError(
+            f"{entry.path}: cannot write {exc.filename or target}: {exc.strerror or exc}"
+        ) from None
+    except DiskFullError:
+        raise _disk_full(entry, target) from None
+
+
+def _disk_full(entry: ManifestEntry, target: Path) -> DiskFullError:
+    remaining = entry.size_bytes - part_size(target)
+    return DiskFullError(
+        f"disk full in {target.parent} while writing {entry.path}: {remaining} more bytes "
+        f"needed (the {PART_SUFFIX} is kept; the next sync resumes it)"
+    )
+
+
+def _fetch(backend: Backend, entry: ManifestEntry, target: Path, policy: FetchPolicy) -> int:
+    target.parent.mkdir(parents=True, exist_ok=True)
     moved = 0
     for attempt in (1, 2):
         moved += _fill_part(backend, entry, target, policy)
@@ -123,14 +145,6 @@ def _fill_part(backend: Backend, entry: ManifestEntry, target: Path, policy: Fet
                 ) from exc
             log.info("%s: cut at byte %d; resuming", entry.path, part_size(target))
             time.sleep(policy.delay_s(failures))
-        except (DiskFullError, OSError) as exc:
-            if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            remaining = entry.size_bytes - part_size(target)
-            raise DiskFullError(
-                f"disk full in {target.parent} while writing {entry.path}: {remaining} more "
-                f"bytes needed (the {PART_SUFFIX} is kept; the next sync resumes it)"
-            ) from None
 
 
 __all__ = ["FetchPolicy", "check_room", "fetch", "free_bytes", "part_path", "part_size"]
