@@ -107,6 +107,10 @@ def test_killed_mid_profile_resumes_on_a_fresh_server_and_matches(tmp_path: Path
             watcher.wait(timeout=10)
         server_a.stop()
     assert not (out / "artifacts" / SUBDIR / "keep_experts_by_layer.json").exists()
+    # Watching the dead session fails in one line that says how the run goes on.
+    lost = cli(["sync", run_id, "--watch", "0.01", *connect_a], out, env, timeout_s=120)
+    assert lost.returncode == 3 and "Traceback" not in lost.stderr, lost.stderr
+    assert f"versa-run resume {run_id}" in lost.stderr
 
     server_b = start_jupyter_server(tmp_path / "server_b", token=secrets.token_hex(16))
     try:

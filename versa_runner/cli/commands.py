@@ -23,6 +23,7 @@ from versa_runner.errors import (
     JobFailedError,
     PreflightError,
     RunStateError,
+    TargetError,
     UsageError,
     VersaRunError,
 )
@@ -206,12 +207,22 @@ def cmd_sync(ctx: Context) -> int:
         raise UsageError(f"--watch: expected minutes > 0, got {a.watch:g}")
     dest = Path(a.dest).resolve() if a.dest else ctx.output_dir
     with ctx.backend_for(record) as backend:
-        result = sync.sync_run(backend, record, dest, only=only, verify=a.verify)
-        ctx.out.synced(result)
-        if a.watch is None:
-            result.raise_if_incomplete()
-            return 0
-        return _watch_sync(ctx, backend, record, dest, only=only, every_s=a.watch * 60)
+        try:
+            result = sync.sync_run(backend, record, dest, only=only, verify=a.verify)
+            ctx.out.synced(result)
+            if a.watch is None:
+                result.raise_if_incomplete()
+                return 0
+            return _watch_sync(ctx, backend, record, dest, only=only, every_s=a.watch * 60)
+        except TargetError as exc:  # a watched session may be gone for good: how the run goes on
+            if (
+                a.watch is not None
+                and dest == ctx.output_dir
+                and _has_resumable_state(dest, record.task)
+            ):
+                exc.hint = (f"The state synced so far is under {dest}: `versa-run resume "
+                            f"{record.run_id}` with the new target's flags continues from it.")  # fmt: skip
+            raise
 
 
 def _watch_sync(
@@ -232,6 +243,13 @@ def _watch_sync(
     ctx.out.synced(last)
     last.raise_if_incomplete()
     return 0
+
+
+def _has_resumable_state(dest: Path, task: str) -> bool:
+    try:
+        return bool(resume.resumable_state(dest, task))
+    except UsageError:
+        return False
 
 
 def cmd_kill(ctx: Context) -> int:
@@ -294,7 +312,7 @@ def cmd_resume(ctx: Context) -> int:
     old = ctx.record(a.run)
     sub = resume.load_submission(ctx.output_dir, old.run_id)
     archive = resume.code_archive(ctx.output_dir, sub)
-    states = resume.resumable_state(ctx.output_dir)
+    states = resume.resumable_state(ctx.output_dir, sub.task)
     if not states:
         raise UsageError(f"run {old.run_id}: no resumable state under {ctx.output_dir}",
                          hint="`versa-run sync RUN --watch MIN` brings it home while the run's "

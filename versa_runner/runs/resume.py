@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from versa_runner import tasks
 from versa_runner.errors import UsageError
 from versa_runner.fsutil import atomic_write_json, sha256_file
 from versa_runner.runs import codesync, journal
@@ -141,18 +142,29 @@ def archive_member(notebook: Path, project_root: Path) -> str:
     return str(member) if not codesync.is_excluded(member) else str(notebook.resolve())
 
 
-def resumable_state(dest_root: Path) -> list[tuple[str, Path]]:
+def _output_dirs(task_name: str) -> set[str] | None:
+    """Directories a registered task writes its outputs to; None for a plain notebook."""
+    task = tasks.TASKS.get(task_name)
+    return None if task is None else {str(PurePosixPath(out).parent) for out in task.outputs}
+
+
+def resumable_state(dest_root: Path, task_name: str) -> list[tuple[str, Path]]:
     """(relative path, local file) of the resumable state under `dest_root`, each verified.
 
-    A file is taken only when it is what sync verified: its size, mtime, inode and ctime are
-    the ones recorded after that verification, or it hashes to the recorded sha256.
+    Only state in the task's own output directories counts (another task's profile would be
+    ignored by the job anyway, its fingerprint differing). A file is taken only when it is what
+    sync verified: its size, mtime, inode and ctime are the ones recorded after that
+    verification, or it hashes to the recorded sha256.
     """
     local = load_local_manifest(dest_root)
+    own_dirs = _output_dirs(task_name)
     found: list[tuple[str, Path]] = []
     for rel, known in sorted(local.items()):
         if not isinstance(known, dict) or not any(
             fnmatch.fnmatch(rel, pattern) for pattern in RESUME_STATE_GLOBS
         ):
+            continue
+        if own_dirs is not None and str(PurePosixPath(rel).parent) not in own_dirs:
             continue
         path = dest_root / rel
         if not path.is_file():
