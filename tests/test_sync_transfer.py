@@ -265,7 +265,7 @@ def test_remote_change_with_same_size_and_mtime_is_downloaded_again(
 
 
 def test_local_edit_with_same_size_is_detected_and_verify_rehashes(
-    token_server: JupyterServer, tmp_path: Path
+    token_server: JupyterServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_id = "20260101T000006Z-localed"
     rel = f"reports/{run_id}.md"
@@ -287,15 +287,13 @@ def test_local_edit_with_same_size_is_detected_and_verify_rehashes(
         assert sync.sync_run(backend, record, dest, only=["reports"]).transferred == []
         hashed: list[str] = []
         original = sync.sha256_file
-        tracked = lambda path: hashed.append(str(path)) or original(path)  # noqa: E731
-        sync.sha256_file = tracked  # type: ignore[assignment]
-        try:
-            assert sync.sync_run(backend, record, dest, only=["reports"]).transferred == []
-            assert hashed == []
-            result = sync.sync_run(backend, record, dest, only=["reports"], verify=True)
-            assert str(local) in hashed and result.transferred == []
-        finally:
-            sync.sha256_file = original  # type: ignore[assignment]
+        monkeypatch.setattr(
+            sync, "sha256_file", lambda path: hashed.append(str(path)) or original(path)
+        )
+        assert sync.sync_run(backend, record, dest, only=["reports"]).transferred == []
+        assert hashed == []
+        result = sync.sync_run(backend, record, dest, only=["reports"], verify=True)
+        assert str(local) in hashed and result.transferred == []
 
 
 # -- 4. names: synced or refused alone ------------------------------------------------------------

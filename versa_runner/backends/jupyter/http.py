@@ -317,7 +317,7 @@ class JupyterHttp:
                 fh.truncate()
                 # read1 hands over what has arrived, so a cut loses no byte already received
                 # (iter_content fills a whole block first and drops it on IncompleteRead).
-                read = getattr(resp.raw, "read1", None) or resp.raw.read
+                read = resp.raw.read1
                 with self._translate(f"GET /files/{path}"):
                     while block := read(DOWNLOAD_READ_BYTES):
                         fh.write(block)
