@@ -52,9 +52,15 @@ METHODS = {
     "ean": "norm_mean",
     "random": None,
 }
+# Candidate improvements: "<ranking key>" or "<ranking key>|<budget mass key>|<budget rule>",
+# rule neff (allocation.budget_keep_counts, the build's) or share (allocation.share_keep_counts).
 EXTRA_METHODS = {
     "eaft-reap-mean": "eaft_saliency_mean",  # per-hit mean of the EAFT-weighted score
     "reap-total": "gate_norm_sum",  # REAP mass, not its per-token mean
+    "eaft-reap/share": "eaft_gate_norm_sum|eaft_gate_norm_sum|share",
+    "eaft-reap/count-neff": "eaft_gate_norm_sum|count|neff",
+    "eaft-reap/count-share": "eaft_gate_norm_sum|count|share",
+    "frequency/share": "count|count|share",
 }
 KEEP_FRACS = (0.875, 0.75, 0.625, 0.5)
 LAYOUTS = ("uniform", "per-layer")
@@ -158,11 +164,22 @@ class Evaluator:
         return self.cache[key]
 
 
-def allocate(scores: np.ndarray, prof: Any, plan: Any, core: int) -> list[list[int]]:
-    """Kept ids per layer for one ranking key, as build_pruned allocates them."""
-    from versa_kernels.eaftreap.allocation import budget_keep_counts, core_experts, select_experts
+def allocate(method: str, prof: Any, plan: Any, core: int) -> list[list[int]]:
+    """Kept ids per layer for one method spec, as build_pruned allocates them (module doc)."""
+    from versa_kernels.eaftreap.allocation import (
+        budget_keep_counts,
+        core_experts,
+        select_experts,
+        share_keep_counts,
+    )
 
-    counts, _ = budget_keep_counts(np.clip(scores, 0.0, None), plan)
+    rank_key, budget_key, rule = (method.split("|") + ["", ""])[:3]
+    scores = prof.acc.score(rank_key)
+    mass = np.clip(prof.acc.score(budget_key or rank_key), 0.0, None)
+    if rule == "share":
+        counts = share_keep_counts(mass, plan)
+    else:
+        counts, _ = budget_keep_counts(mass, plan)
     cores = core_experts(prof.acc.pos_gate_norm_sum, prof.acc.count, pos_top_m=core, count_top_m=0)
     return select_experts(scores, counts, cores)
 
@@ -216,8 +233,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 plan = check_feasible(num_layers=L, num_experts=E, top_k=K, keep_frac=kf,
                                       layout=layout, core_pos_top_m=args.core,
                                       keep_n_multiple_of=1)  # fmt: skip
-                kept_by = {m: allocate(prof.acc.score(k), prof, plan, args.core)
-                           for m, k in methods.items() if k is not None}  # fmt: skip
+                kept_by = {m: allocate(k, prof, plan, args.core)
+                           for m, k in methods.items()
+                           if k is not None and (layout != "uniform" or "|" not in k)}  # fmt: skip
                 if "random" in methods:
                     counts = [len(k) for k in kept_by["eaft-reap"]]
                     kept_by["random"] = random_kept(counts, E, seed)

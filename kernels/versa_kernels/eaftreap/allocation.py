@@ -43,6 +43,7 @@ __all__ = [
     "core_experts",
     "neff",
     "select_experts",
+    "share_keep_counts",
     "uniform_keep_n",
 ]
 
@@ -212,6 +213,37 @@ def budget_keep_counts(
     if int(counts.sum()) != budget:
         raise RuntimeError(f"allocation did not reach the budget {budget}: {counts.tolist()}")
     return [int(c) for c in counts], neffs
+
+
+def share_keep_counts(mass_by_layer: Sequence[Sequence[float]], plan: AllocationPlan) -> list[int]:
+    """Per-layer keep counts from one global ranking of experts by their share of their layer's
+    mass (DiEP-style: a layer whose mass is spread keeps more experts, one dominated by a few
+    keeps fewer), within ``[min_keep, max_keep]`` and summing exactly to the budget.
+
+    Every layer first gets its ``min_keep`` largest shares; the rest of the budget goes to the
+    largest remaining shares over all layers (ties to the lower layer, then the lower expert).
+    A layer with no positive mass has uniform shares. The uniform layout is unchanged.
+    """
+    if plan.layout == "uniform":
+        return budget_keep_counts(mass_by_layer, plan)[0]
+    counts, candidates = [], []
+    for layer, row in enumerate(mass_by_layer):
+        m = np.clip(np.asarray(row, dtype=np.float64), 0.0, None)
+        total = float(m.sum())
+        shares = m / total if total > 0 else np.full(len(m), 1.0 / len(m))
+        ordered = np.sort(shares)[::-1]  # descending
+        counts.append(plan.min_keep)
+        candidates += [(-float(v), layer, i) for i, v in enumerate(ordered[plan.min_keep :])]
+    short = plan.budget - sum(counts)
+    for _, layer, _ in sorted(candidates):
+        if short <= 0:
+            break
+        if counts[layer] < plan.max_keep:
+            counts[layer] += 1
+            short -= 1
+    if short != 0:
+        raise RuntimeError(f"allocation did not reach the budget {plan.budget}: {counts}")
+    return counts
 
 
 def _top_ids(values: np.ndarray, m: int) -> list[int]:
