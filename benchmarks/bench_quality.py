@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from versa_kernels.eaftreap.scoring import EaftWeights
+from versa_kernels.signals import W_UNCERTAIN
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -53,7 +55,8 @@ METHODS = {
     "random": None,
 }
 # Candidate improvements: "<ranking key>" or "<ranking key>|<budget mass key>|<budget rule>",
-# rule neff (allocation.budget_keep_counts, the build's) or share (allocation.share_keep_counts).
+# rule neff (allocation.budget_keep_counts, the build's) or share (allocation.share_keep_counts);
+# a suffix "@<w>" profiles with EAFT weight w for uncertain tokens instead of 0.25.
 EXTRA_METHODS = {
     "eaft-reap-mean": "eaft_saliency_mean",  # per-hit mean of the EAFT-weighted score
     "reap-total": "gate_norm_sum",  # REAP mass, not its per-token mean
@@ -61,6 +64,10 @@ EXTRA_METHODS = {
     "eaft-reap/count-neff": "eaft_gate_norm_sum|count|neff",
     "eaft-reap/count-share": "eaft_gate_norm_sum|count|share",
     "frequency/share": "count|count|share",
+    "eaft-reap/reap-neff": "eaft_gate_norm_sum|gate_norm_sum|neff",
+    "reap-total/count-neff": "gate_norm_sum|count|neff",
+    "eaft-reap-u1": "eaft_gate_norm_sum@1.0",
+    "eaft-reap-u1/count-neff": "eaft_gate_norm_sum|count|neff@1.0",
 }
 KEEP_FRACS = (0.875, 0.75, 0.625, 0.5)
 LAYOUTS = ("uniform", "per-layer")
@@ -83,8 +90,8 @@ def held_out_rows(model_dir: Path) -> tuple[list[str], list[str], dict[str, Any]
         rule = "tiny: every 20th sorted stdlib file"
     trained_on = train_log.get("python")
     if trained_on and trained_on.rsplit(".", 1)[0] != platform.python_version().rsplit(".", 1)[0]:
-        log.warning("model trained on Python %s's stdlib, this is %s: held-out files still "
-                    "held out, but fewer of them exist here", trained_on, platform.python_version())  # fmt: skip
+        log.warning("model trained on Python %s's stdlib, this is %s: the held-out rule "
+                    "(by name) still holds, but the set of sources differs", trained_on, platform.python_version())  # fmt: skip
     eval_src = [s for s in held if train_corpus.eval_side(s.name)]
     calib_src = [s for s in held if not train_corpus.eval_side(s.name)]
     # Interleave each source's conversations so blocks mix explain/source/topic rows.
@@ -164,7 +171,7 @@ class Evaluator:
         return self.cache[key]
 
 
-def allocate(method: str, prof: Any, plan: Any, core: int) -> list[list[int]]:
+def allocate(method: str, profs: dict[float, Any], plan: Any, core: int) -> list[list[int]]:
     """Kept ids per layer for one method spec, as build_pruned allocates them (module doc)."""
     from versa_kernels.eaftreap.allocation import (
         budget_keep_counts,
@@ -173,6 +180,8 @@ def allocate(method: str, prof: Any, plan: Any, core: int) -> list[list[int]]:
         share_keep_counts,
     )
 
+    method, _, w_uncertain = method.partition("@")
+    prof = profs[float(w_uncertain or W_UNCERTAIN)]
     rank_key, budget_key, rule = (method.split("|") + ["", ""])[:3]
     scores = prof.acc.score(rank_key)
     mass = np.clip(prof.acc.score(budget_key or rank_key), 0.0, None)
@@ -217,15 +226,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pool = _write_pool(
         Path(tempfile.mkdtemp(prefix="bench_quality_")) / "calib_pool.parquet", calib_rows
     )
-    methods = {**METHODS, **{m: EXTRA_METHODS[m] for m in args.extra_methods}}
+    methods = {m: METHODS[m] for m in args.methods}
+    methods.update({m: EXTRA_METHODS[m] for m in args.extra_methods})
     results: list[dict[str, Any]] = []
     profiles = []
     for seed in args.seeds:
         sample = load_packs([pool], num_rows=args.calib_rows, seed=seed, strategy="per_file")
         examples = prepare_examples([r.text for r in sample.rows], tokenizer,
                                     max_seq_length=args.seq_len)  # fmt: skip
-        prof = profile_experts(model, examples, num_layers=L, num_experts=E,
-                               batch_size=args.batch_size, pad_id=pad_id)  # fmt: skip
+        profs = {
+            w: profile_experts(model, examples, num_layers=L, num_experts=E,
+                               batch_size=args.batch_size, pad_id=pad_id,
+                               weights=EaftWeights(w_uncertain=w))
+            for w in sorted({float(k.partition("@")[2] or W_UNCERTAIN)
+                             for k in methods.values() if k is not None})
+        }  # fmt: skip
+        prof = profs[W_UNCERTAIN] if W_UNCERTAIN in profs else next(iter(profs.values()))
         profiles.append({"seed": seed, "scored_tokens": prof.scored_tokens,
                          "rows_sha256": sample.rows_sha256, **prof.region_counts})  # fmt: skip
         for layout in args.layouts:
@@ -233,7 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 plan = check_feasible(num_layers=L, num_experts=E, top_k=K, keep_frac=kf,
                                       layout=layout, core_pos_top_m=args.core,
                                       keep_n_multiple_of=1)  # fmt: skip
-                kept_by = {m: allocate(k, prof, plan, args.core)
+                kept_by = {m: allocate(k, profs, plan, args.core)
                            for m, k in methods.items()
                            if k is not None and (layout != "uniform" or "|" not in k)}  # fmt: skip
                 if "random" in methods:
@@ -280,6 +296,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="calibration seeds (CSV, >= 1)")
     parser.add_argument("--keep-fracs", default=",".join(map(str, KEEP_FRACS)))
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="CSV, subset of the default")
     parser.add_argument("--extra-methods", default="", help=f"CSV of {', '.join(EXTRA_METHODS)}")
     parser.add_argument("--calib-rows", type=int, default=0, help="0 = the model's default")
     parser.add_argument("--eval-blocks", type=int, default=0, help="0 = the model's default")
@@ -296,6 +313,11 @@ def main() -> None:
         parser.error("--seeds must be integers and --keep-fracs numbers, comma separated")
     args.layouts = [x for x in args.layouts.split(",") if x]
     args.extra_methods = [x for x in args.extra_methods.split(",") if x]
+    args.methods = [x for x in args.methods.split(",") if x]
+    if bad := [x for x in args.methods if x not in METHODS]:
+        parser.error(f"--methods: {bad} not in {', '.join(METHODS)}")
+    if "random" in args.methods and "eaft-reap" not in args.methods:
+        parser.error("--methods: random takes EAFT-REAP's per-layer counts; list eaft-reap too")
     if not args.seeds or not args.keep_fracs or any(not 0 < k <= 1 for k in args.keep_fracs):
         parser.error("--seeds needs one seed or more; --keep-fracs values must be in (0, 1]")
     if bad := [x for x in args.layouts if x not in LAYOUTS]:

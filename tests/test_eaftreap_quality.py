@@ -42,7 +42,8 @@ def test_eaftreap_beats_reap_frequency_and_random_beyond_the_seed_spread() -> No
     bench = _bench()
     args = argparse.Namespace(
         model="tiny", device="cpu", seeds=SEEDS, keep_fracs=[0.75, 0.5], layouts=["uniform"],
-        extra_methods=[], calib_rows=48, eval_blocks=24, seq_len=256, batch_size=8, core=0,
+        methods=["eaft-reap", "reap", "frequency", "random"], extra_methods=[],
+        calib_rows=48, eval_blocks=24, seq_len=256, batch_size=8, core=0,
     )  # fmt: skip
     result = bench.run(args)
     assert result["data"]["shared_sources"] == 0
