@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO / "tests"))  # the test server fixture and fault pro
 from faultproxy import FaultProxy  # noqa: E402
 from jupyter_fixtures import start_jupyter_server  # noqa: E402
 
-from versa_runner.backends.jupyter import JupyterBackend  # noqa: E402
-from versa_runner.backends.jupyter_http import UPLOAD_CHUNK_BYTES  # noqa: E402
+from versa_runner.backends.jupyter.backend import JupyterBackend  # noqa: E402
+from versa_runner.backends.jupyter.http import UPLOAD_CHUNK_BYTES  # noqa: E402
 
 MIB = 1 << 20
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Compatibility entry point with the playbook's flags; the work is in `versa_runner.summarize`.
+"""Compatibility entry point with the playbook's flags; the work is in `versa_runner.parity.summarize`.
 
     python scripts/summarize_eaft_pair.py --left-json BASE.json --right-json CAND.json \
         --out-md reports/parity.md [--gates-json GATES.json]
@@ -16,7 +16,7 @@ from pathlib import Path
 # Works from a plain checkout too (no `pip install -e .`): the repo root holds versa_runner.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from versa_runner.summarize import main  # noqa: E402
+from versa_runner.parity.summarize import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

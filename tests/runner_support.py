@@ -12,6 +12,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from versa_runner.target import proc
+
+LAUNCHER = [sys.executable, "-m", "versa_runner.target.launcher"]
+"""The launcher from the checkout (runs upload it as launcher.pyz)."""
 REPO = Path(__file__).resolve().parent.parent
 TEST_NOTEBOOKS = REPO / "tests" / "notebooks"
 
@@ -61,28 +65,13 @@ def read_status(output_dir: Path, run_id: str) -> dict:
 
 
 def pid_alive(pid: int) -> bool:
-    """True when /proc/<pid> exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            stat = fh.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
+    """True when the process exists and is not a zombie (the one /proc reader)."""
+    return proc.is_alive(pid)
 
 
 def pids_in_group(pgid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    stat = fh.read()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found.append(int(entry))
-    return found
+    """Live pids of process group `pgid`."""
+    return proc.group_members(pgid)
 
 
 def kill_run_processes(output_dir: Path, run_id: str) -> None:

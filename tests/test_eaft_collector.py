@@ -27,7 +27,7 @@ from versa_kernels.fixtures import make_calib_packs, make_tiny_checkpoint
 from versa_kernels.gptoss.model import GptOssModel
 from versa_kernels.signals import exact_quantile, token_signals
 
-from versa_runner.summarize import compare_runs, load_eaft_json, load_gates, main
+from versa_runner.parity.summarize import compare_runs, load_eaft_json, load_gates, main
 
 SEQS = "128,256"  # tiny model on a shared 2-core CI box: short blocks keep this file fast
 NUM_BLOCKS = 3

@@ -5,7 +5,7 @@ on Python stdlib sources and Harmony conversations built from them, so its exper
 Calibration (profiling) rows come from training-side modules; the evaluation packs from the
 held-out modules (every VAL_EVERY-th file), so the comparison is on text the ranking never saw.
 All candidates are collected with `eaft.collect` (experts physically sliced at load) on the
-same blocks and compared with `versa_runner.summarize.compare_runs`, as a user would.
+same blocks and compared with `versa_runner.parity.summarize.compare_runs`, as a user would.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _eaftreap_keep(model_dir: Path, calib: list[str], keep_n: int) -> list[list[
 
 
 def test_eaftreap_prune_beats_random_prune(tmp_path):
-    from versa_runner.summarize import compare_runs, load_eaft_json, load_gates
+    from versa_runner.parity.summarize import compare_runs, load_eaft_json, load_gates
 
     train = _train_script()
     import sysconfig

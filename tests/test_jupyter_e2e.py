@@ -264,8 +264,8 @@ def test_failures_are_named_failing_cell_auth_lost_unreachable(
 
 
 def test_code_tree_is_not_uploaded_twice(token_server: JupyterServer, tmp_path: Path) -> None:
-    from versa_runner.backends.jupyter import JupyterBackend
-    from versa_runner.codesync import stage_code
+    from versa_runner.backends.jupyter.backend import JupyterBackend
+    from versa_runner.runs.codesync import stage_code
 
     project = Path(__file__).resolve().parent.parent
     with JupyterBackend(token_server.url, token=token_server.token) as backend:

@@ -1,6 +1,6 @@
 """What a remote target gets before papermill starts: the code tree and the bootstrap profile.
 
-The bootstrap tests run the real launcher (`versa_runner/launcher.py`) on a run directory whose
+The bootstrap tests run the real launcher (`versa_runner/target/launcher.py`) on a run directory whose
 `launch.json` comes from `plan_bootstrap`, with real pip (offline: `--no-index`) and papermill.
 """
 
@@ -20,11 +20,19 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
+from runner_support import LAUNCHER
 
-from versa_runner import codesync, launcher, snippets
+from versa_runner.backends.base import call_target
 from versa_runner.backends.local import LocalBackend
-from versa_runner.bootstrap import KAGGLE_ROOT, plan_bootstrap, requirements_for, resolve_profile
 from versa_runner.errors import UsageError
+from versa_runner.runs import codesync
+from versa_runner.runs.bootstrap import (
+    KAGGLE_ROOT,
+    plan_bootstrap,
+    requirements_for,
+    resolve_profile,
+)
+from versa_runner.target import launcher
 
 # -- code tree ------------------------------------------------------------------------------
 
@@ -79,8 +87,7 @@ def test_stage_code_extracts_once_and_refuses_unsafe_archives(tmp_path: Path) ->
             "sha256": hashlib.sha256(evil.getvalue()).hexdigest(),
             "files": 1,
         }
-        code = snippets.render(codesync.EXTRACT_SNIPPET, args)
-        reply = snippets.parse_reply(backend.run_python(code, timeout_s=60), what="extract")
+        reply = call_target(backend, "fileops.extract_code", args, timeout_s=60)
     assert "unsafe member" in reply["error"]
     assert not (tmp_path / "target/versa_code/escaped.txt").exists()
     assert not (tmp_path / "target/versa_code/evil").exists()
@@ -147,7 +154,7 @@ def _run_launcher(run_dir: Path, launch_config: dict, notebook_source: str) -> i
     nbformat.write(nb, run_dir / "input.ipynb")
     (run_dir / "params.yaml").write_text("run_id: test\n")
     (run_dir / "launch.json").write_text(json.dumps(launch_config))
-    proc = subprocess.run([sys.executable, launcher.__file__, str(run_dir)], timeout=180,
+    proc = subprocess.run([*LAUNCHER, str(run_dir)], timeout=180,
                           stdin=subprocess.DEVNULL, capture_output=True, check=False)  # fmt: skip
     return proc.returncode
 
@@ -196,7 +203,7 @@ class _Terminal(io.StringIO):
 
 
 def test_upload_progress_bar_on_terminals_only() -> None:
-    from versa_runner.output import Output
+    from versa_runner.cli.output import Output
 
     err = _Terminal()
     with Output(stream=io.StringIO(), err_stream=err).transfer("uploading code") as progress:

@@ -26,8 +26,9 @@ import pytest
 from faultproxy import FaultProxy, free_port
 
 from versa_runner.backends import get_backend_class
-from versa_runner.backends.jupyter import JupyterBackend, RetryPolicy, doctor
-from versa_runner.backends.jupyter_url import (
+from versa_runner.backends.jupyter.backend import JupyterBackend, RetryPolicy
+from versa_runner.backends.jupyter.doctor import doctor
+from versa_runner.backends.jupyter.url import (
     normalize_url,
     parse_server_url,
     redact,
@@ -165,7 +166,7 @@ def test_pinned_kernel_is_reused_and_never_deleted(token_server: JupyterServer) 
 def test_websocket_drop_mid_execute_reconnects_and_gets_the_replies(
     basepath_server: JupyterServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="versa_runner.backends.jupyter_ws")
+    caplog.set_level(logging.INFO, logger="versa_runner.backends.jupyter.ws")
     with backend_for(basepath_server) as backend:
         backend.run_python("print('warm')", timeout_s=60)
         channel = backend._channel

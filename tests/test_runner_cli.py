@@ -31,7 +31,7 @@ def _run_blocked(code: str) -> subprocess.CompletedProcess[str]:
 def test_help_works_without_torch() -> None:
     result = _run_blocked(
         "from versa_runner.cli import main\n"
-        "import versa_runner.lifecycle, versa_runner.sync, versa_runner.output, versa_runner.launcher\n"
+        "import versa_runner.runs.lifecycle, versa_runner.runs.sync, versa_runner.cli.output, versa_runner.target.launcher\n"
         "assert 'torch' not in sys.modules\n"
         "try:\n    main(['--help'])\nexcept SystemExit as e:\n    sys.exit(e.code)\n"
     )
@@ -43,6 +43,34 @@ def test_help_works_without_torch() -> None:
     )
     assert task_help.returncode == 0, task_help.stderr
     assert "--keep-frac" in task_help.stdout and "--calib-pack-sample-strategy" in task_help.stdout
+
+
+# The `gpu` extra's modules, missing as on a host-only install (`pip install versa-runner`).
+BLOCK_GPU_EXTRA = """
+import sys
+GPU_EXTRA = {"torch", "numpy", "safetensors", "pyarrow", "pandas", "matplotlib", "transformers",
+             "huggingface_hub", "tokenizers", "bpe_openai"}
+class _NoGpuExtra:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in GPU_EXTRA:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, _NoGpuExtra())
+"""
+
+
+@pytest.mark.parametrize("argv", [["fixtures", "packs"], ["fixtures", "model"]])
+def test_gpu_command_on_host_only_install_names_the_extra(argv: list[str], tmp_path) -> None:
+    code = f"from versa_runner.cli import main\nsys.exit(main({argv + [str(tmp_path / 'out')]!r}))\n"
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_GPU_EXTRA + code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "needs the package" in error_lines[0] and "fixtures" in error_lines[0]
+    assert "pip install 'versa-runner[gpu]'" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("verb", cli.VERBS)
@@ -185,7 +213,7 @@ def test_preflight_refuses_before_staging(tmp_path, monkeypatch, capsys) -> None
 
 
 def test_implicit_submit_finds_the_verb() -> None:
-    implicit = cli._with_implicit_submit
+    implicit = cli.with_implicit_submit
     assert implicit(["--task", "decode_bench", "--name", "status"])[0] == "submit"
     assert implicit(["--output-dir", "status", "--task", "x"])[0] == "submit"
     assert implicit(["--json", "status", "RUN"]) == ["--json", "status", "RUN"]

@@ -26,8 +26,8 @@ from runner_support import (
     wait_for,
 )
 
-from versa_runner import lifecycle
 from versa_runner.backends.local import LocalBackend
+from versa_runner.runs import lifecycle
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def test_detached_ok_notebook_then_status_logs_wait_sync(tmp_path: Path) -> None
     for name in (
         "input.ipynb",
         "params.yaml",
-        "launcher.py",
+        "launcher.pyz",
         "output.ipynb",
         "run.log",
         "status.json",

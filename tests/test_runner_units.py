@@ -10,13 +10,14 @@ import re
 from pathlib import Path
 
 import pytest
+from runner_support import LAUNCHER
 
-from versa_runner import lifecycle, runs, sync
 from versa_runner.backends.local import LocalBackend
 from versa_runner.errors import TransferError, UnsafePathError, UsageError
-from versa_runner.lifecycle import RunState
-from versa_runner.runs import RunRecord
-from versa_runner.secrets import Redactor, collect_job_environment, encode_secrets_env
+from versa_runner.runs import journal, lifecycle, logs, sync
+from versa_runner.runs.journal import RunRecord
+from versa_runner.runs.secrets import Redactor, collect_job_environment, encode_secrets_env
+from versa_runner.runs.status import RunState, RunStatus, read_progress, read_status
 
 
 def _record(run_id: str, root: Path, **extra) -> RunRecord:
@@ -37,25 +38,25 @@ def test_run_id_format_sorts_by_time() -> None:
 def test_journal_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VERSA_RUNNER_HOME", raising=False)
     with pytest.raises(UsageError, match="no runs"):
-        runs.resolve_run(tmp_path, None)
+        journal.resolve_run(tmp_path, None)
     for run_id in ("20260101T000000Z-aaaaaa", "20260101T000000Z-aabbbb", "20260102T000000Z-cccccc"):
-        runs.save_record(tmp_path, _record(run_id, tmp_path))
+        journal.save_record(tmp_path, _record(run_id, tmp_path))
     assert (tmp_path / ".versa_runner" / "runs" / "20260102T000000Z-cccccc.json").exists()
-    assert runs.resolve_run(tmp_path, None).run_id == "20260102T000000Z-cccccc"
-    assert runs.resolve_run(tmp_path, "last").run_id == "20260102T000000Z-cccccc"
-    assert runs.resolve_run(tmp_path, "20260102").run_id == "20260102T000000Z-cccccc"
-    assert runs.resolve_run(tmp_path, "20260101T000000Z-aaaaaa").run_id.endswith("aaaaaa")
+    assert journal.resolve_run(tmp_path, None).run_id == "20260102T000000Z-cccccc"
+    assert journal.resolve_run(tmp_path, "last").run_id == "20260102T000000Z-cccccc"
+    assert journal.resolve_run(tmp_path, "20260102").run_id == "20260102T000000Z-cccccc"
+    assert journal.resolve_run(tmp_path, "20260101T000000Z-aaaaaa").run_id.endswith("aaaaaa")
     with pytest.raises(UsageError, match="ambiguous: 2 runs"):
-        runs.resolve_run(tmp_path, "20260101T000000Z-aa")
+        journal.resolve_run(tmp_path, "20260101T000000Z-aa")
     with pytest.raises(UsageError, match="matches no run"):
-        runs.resolve_run(tmp_path, "1999")
-    record = runs.resolve_run(tmp_path, "20260102")
+        journal.resolve_run(tmp_path, "1999")
+    record = journal.resolve_run(tmp_path, "20260102")
     record.log_offset = 123
-    runs.save_record(tmp_path, record)
-    assert runs.load_record(tmp_path, record.run_id).log_offset == 123
+    journal.save_record(tmp_path, record)
+    assert journal.load_record(tmp_path, record.run_id).log_offset == 123
     monkeypatch.setenv("VERSA_RUNNER_HOME", str(tmp_path / "elsewhere"))
-    assert runs.list_run_ids(tmp_path) == []
-    runs.save_record(tmp_path, _record("20260103T000000Z-dddddd", tmp_path))
+    assert journal.list_run_ids(tmp_path) == []
+    journal.save_record(tmp_path, _record("20260103T000000Z-dddddd", tmp_path))
     assert (tmp_path / "elsewhere" / "runs" / "20260103T000000Z-dddddd.json").exists()
 
 
@@ -179,8 +180,8 @@ def test_log_reader_keeps_multibyte_characters_whole(tmp_path: Path, monkeypatch
     log_path.parent.mkdir(parents=True)
     text = "αβγ ✓ café\n" * 3 + "last line\n"
     log_path.write_bytes(text.encode())
-    monkeypatch.setattr(lifecycle, "LOG_READ_BYTES", 5)  # split characters across reads
-    reader = lifecycle.LogReader(LocalBackend(tmp_path), record)
+    monkeypatch.setattr(logs, "LOG_READ_BYTES", 5)  # split characters across reads
+    reader = logs.LogReader(LocalBackend(tmp_path), record)
     assert reader.read_new() == text and reader.offset == len(text.encode())
     with open(log_path, "ab") as fh:
         fh.write("ü".encode()[:1])
@@ -188,7 +189,7 @@ def test_log_reader_keeps_multibyte_characters_whole(tmp_path: Path, monkeypatch
     with open(log_path, "ab") as fh:
         fh.write("ü".encode()[1:] + b"\n")
     assert reader.read_new() == "ü\n"
-    tail, offset = lifecycle.tail_lines(LocalBackend(tmp_path), record, 2)
+    tail, offset = logs.tail_lines(LocalBackend(tmp_path), record, 2)
     assert tail == "last line\nü\n" and offset == log_path.stat().st_size
 
 
@@ -201,24 +202,24 @@ def test_state_derivation_from_files(tmp_path: Path) -> None:
     record = _record("20260101T000000Z-abcdef", tmp_path)
     run = tmp_path / record.run_dir
     backend = LocalBackend(tmp_path)
-    assert lifecycle.read_status(backend, record).state is RunState.LOST
+    assert read_status(backend, record).state is RunState.LOST
     _write(run / "input.ipynb", "{}")
-    assert lifecycle.read_status(backend, record).state is RunState.STARTING
+    assert read_status(backend, record).state is RunState.STARTING
     started = dt.datetime.now(dt.timezone.utc).isoformat()
     _write(
         run / "status.json",
         {"state": "running", "heartbeat_interval_s": 1.0, "started_at": started},
     )
     _write(run / "heartbeat", "x")
-    assert lifecycle.read_status(backend, record).state is RunState.RUNNING
+    assert read_status(backend, record).state is RunState.RUNNING
     old = run.joinpath("heartbeat").stat().st_mtime - 10
     os.utime(run / "heartbeat", (old, old))
-    assert lifecycle.read_status(backend, record).state is RunState.STALE  # 10 s > 4 x 1 s
+    assert read_status(backend, record).state is RunState.STALE  # 10 s > 4 x 1 s
     _write(run / "exit_code", "3\n")  # exit_code written, final status.json not yet
-    status = lifecycle.read_status(backend, record)
+    status = read_status(backend, record)
     assert status.state is RunState.FAILED and status.exit_code == 3
     _write(run / "status.json", {"state": "killed", "exit_code": 143})
-    assert lifecycle.read_status(backend, record).state is RunState.KILLED
+    assert read_status(backend, record).state is RunState.KILLED
     assert RunState.KILLED.is_terminal and not RunState.RUNNING.is_terminal
 
 
@@ -236,11 +237,11 @@ def test_progress_counts_code_cells(tmp_path: Path) -> None:
         {"cell_type": "code", "metadata": {"papermill": {"status": "pending"}}},
     ]
     _write(tmp_path / record.run_dir / "output.ipynb", {"cells": cells})
-    progress = lifecycle.read_progress(LocalBackend(tmp_path), record)
+    progress = read_progress(LocalBackend(tmp_path), record)
     assert (progress.cells_done, progress.cells_total, progress.current_cell) == (2, 4, 3)
     assert 29 <= progress.current_cell_elapsed_s < 60
     _write(tmp_path / record.run_dir / "output.ipynb", '{"cells": [')  # torn write
-    assert lifecycle.read_progress(LocalBackend(tmp_path), record) is None
+    assert read_progress(LocalBackend(tmp_path), record) is None
 
 
 def test_wait_times_out_with_injected_clock(tmp_path: Path) -> None:
@@ -255,7 +256,7 @@ def test_wait_times_out_with_injected_clock(tmp_path: Path) -> None:
     ticks = iter(range(100))
     sleeps: list[float] = []
     with pytest.raises(WaitTimeoutError) as info:
-        lifecycle.wait(LocalBackend(tmp_path), record, timeout_s=5, poll_s=2,
+        logs.wait(LocalBackend(tmp_path), record, timeout_s=5, poll_s=2,
                        clock=lambda: float(next(ticks)), sleep=sleeps.append)  # fmt: skip
     assert info.value.exit_code == 124 and sleeps and all(s == 2 for s in sleeps)
 
@@ -265,8 +266,6 @@ def test_launcher_bootstrap_failure_and_secret_handling(tmp_path: Path) -> None:
     a failing bootstrap step ends the run as bootstrap_failed with exit code 5."""
     import subprocess
     import sys
-
-    from versa_runner import launcher
 
     run = tmp_path / "versa_runs" / "r1"
     run.mkdir(parents=True)
@@ -278,7 +277,7 @@ def test_launcher_bootstrap_failure_and_secret_handling(tmp_path: Path) -> None:
         "bootstrap": [{"argv": [sys.executable, "-c", step], "timeout_s": 30}],
     }
     (run / "launch.json").write_text(json.dumps(launch))
-    done = subprocess.run([sys.executable, launcher.__file__, str(run)], timeout=60, check=False)
+    done = subprocess.run([*LAUNCHER, str(run)], timeout=60, check=False)
     assert done.returncode == 5
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "bootstrap_failed" and status["exit_code"] == 5
@@ -289,7 +288,7 @@ def test_launcher_bootstrap_failure_and_secret_handling(tmp_path: Path) -> None:
     assert secret not in log + (run / "status.json").read_text()
     assert not (run / "secrets.env").exists()
     record = _record("r1", tmp_path, run_dir="versa_runs/r1")
-    assert lifecycle.read_status(LocalBackend(tmp_path), record).state is RunState.BOOTSTRAP_FAILED
+    assert read_status(LocalBackend(tmp_path), record).state is RunState.BOOTSTRAP_FAILED
 
 
 def _launcher_run(tmp_path: Path, name: str, steps: list[dict]) -> Path:
@@ -306,17 +305,15 @@ def test_launcher_bootstrap_timeout_and_stop_signal_end_the_step(tmp_path: Path)
     import sys
     import time
 
-    from versa_runner import launcher
-
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     run = _launcher_run(tmp_path, "timeout", [{"argv": sleeper, "timeout_s": 0.5}])
     started = time.monotonic()
-    done = subprocess.run([sys.executable, launcher.__file__, str(run)], timeout=60, check=False)
+    done = subprocess.run([*LAUNCHER, str(run)], timeout=60, check=False)
     assert done.returncode == 5 and time.monotonic() - started < 20
     assert "failed with exit code 124" in (run / "run.log").read_text()
 
     run = _launcher_run(tmp_path, "stopped", [{"argv": sleeper, "timeout_s": 600}])
-    proc = subprocess.Popen([sys.executable, launcher.__file__, str(run)], start_new_session=True)
+    proc = subprocess.Popen([*LAUNCHER, str(run)], start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         log = run / "run.log"
@@ -334,8 +331,8 @@ def test_launcher_bootstrap_timeout_and_stop_signal_end_the_step(tmp_path: Path)
 def test_output_plain_json_and_redaction(tmp_path: Path) -> None:
     import io
 
+    from versa_runner.cli.output import Output
     from versa_runner.errors import JobFailedError
-    from versa_runner.output import Output
 
     record = _record("20260101T000000Z-abcdef", tmp_path, secret_names=["HF_TOKEN"])
     out, err = io.StringIO(), io.StringIO()
@@ -351,7 +348,7 @@ def test_output_plain_json_and_redaction(tmp_path: Path) -> None:
     out = io.StringIO()
     machine = Output(json_mode=True, stream=out, err_stream=io.StringIO())
     machine.submitted(record, detached=False)
-    machine.status(record, lifecycle.RunStatus(RunState.SUCCEEDED, exit_code=0))
+    machine.status(record, RunStatus(RunState.SUCCEEDED, exit_code=0))
     first, second = (json.loads(line) for line in out.getvalue().splitlines())
     assert first["secret_names"] == ["HF_TOKEN"] and first["detached"] is False
     assert second["state"] == "succeeded" and second["exit_code"] == 0
@@ -383,10 +380,10 @@ def test_follow_rides_out_a_dropped_connection_from_the_same_offset(tmp_path: Pa
     _write(run / "exit_code", "0")
     _write(run / "run.log", "first line\nsecond line\n")
     emitted: list[str] = []
-    status = lifecycle.follow(_FlakyLog(tmp_path, cuts=2), record, emit=emitted.append,
+    status = logs.follow(_FlakyLog(tmp_path, cuts=2), record, emit=emitted.append,
                               offset=len("first line\n"), sleep=lambda s: None)  # fmt: skip
     assert status.state is RunState.SUCCEEDED and "".join(emitted) == "second line\n"
     ticks = iter(range(0, 10_000, 100))
     with pytest.raises(UnreachableError):  # past the patience window it gives up, loudly
-        lifecycle.follow(_FlakyLog(tmp_path, cuts=10**6), record, emit=emitted.append,
+        logs.follow(_FlakyLog(tmp_path, cuts=10**6), record, emit=emitted.append,
                          sleep=lambda s: None, clock=lambda: float(next(ticks)), patience_s=600)  # fmt: skip

@@ -9,17 +9,17 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import paramiko
 import pytest
+from ssh_fixtures import TARGET_PYTHON
 
 from versa_runner.backends import get_backend_class
 from versa_runner.backends.base import Backend
-from versa_runner.backends.ssh import SshBackend, SshTarget, parse_ssh_spec
-from versa_runner.backends.ssh_target import load_key
+from versa_runner.backends.ssh.backend import SshBackend
+from versa_runner.backends.ssh.target import SshTarget, load_key, parse_ssh_spec
 from versa_runner.errors import (
     AuthError,
     TargetError,
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ssh_fixtures import SshServer
 
 pytest_plugins = ["ssh_fixtures"]
-PYTHON = os.path.realpath(sys.executable)  # the sshd session's PATH may lack this Python
+PYTHON = TARGET_PYTHON
 
 
 def backend_for(server: SshServer, home: Path, root: Path, **target: object) -> SshBackend:

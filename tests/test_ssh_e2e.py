@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 from faultproxy import free_port
 from runner_support import TEST_NOTEBOOKS, cli, runner_env, wait_for
+from ssh_fixtures import TARGET_PYTHON
 
 if TYPE_CHECKING:
     from ssh_fixtures import SshServer
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 pytest_plugins = ["ssh_fixtures"]
 pytestmark = pytest.mark.slow
 
-PYTHON = os.path.realpath(sys.executable)  # the sshd session's PATH may lack this Python
+PYTHON = TARGET_PYTHON
 SECRET_NAME = "VERSA_TEST_SECRET"
 
 

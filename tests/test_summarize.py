@@ -14,7 +14,7 @@ import pytest
 from scipy.spatial.distance import jensenshannon
 
 from versa_runner.errors import ConfigError, UsageError
-from versa_runner.summarize import (
+from versa_runner.parity.summarize import (
     DEFAULT_GATES_PATH,
     compare_runs,
     js_divergence_2d,
@@ -239,7 +239,7 @@ def test_cc_under_left_thresholds_reported():
 def test_cc_under_thresholds_inside_the_first_bin():
     # The 15% p quantile usually sits inside the first p bin (0.00625 wide): a midpoint rule
     # would count nothing there.
-    from versa_runner.summarize import cc_rate_under_thresholds
+    from versa_runner.parity.summarize import cc_rate_under_thresholds
 
     counts = [0.0] * (XBINS * YBINS)
     counts[0], counts[-1] = 100.0, 900.0  # cell (0, 0) and the top-right cell
@@ -298,7 +298,7 @@ def test_summarize_runs_without_torch(tmp_path):
     left = _write(tmp_path, "l.json", _run())
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from versa_runner.summarize import main\n"
+        "from versa_runner.parity.summarize import main\n"
         f"rc = main(['--left-json', {left!r}, '--right-json', {left!r}, '--out-md', {str(tmp_path / 'n.md')!r}])\n"
         "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
         "sys.exit(rc)\n"

@@ -4,6 +4,7 @@ The tree, drawn once::
 
     VersaRunError                  exit 1   root; `hint` says what to do next
     ├── UsageError                 exit 2   bad flag, value out of range, unknown task or run
+    │   └── MissingExtraError      exit 2   a command needs an optional extra that is not installed
     ├── ConfigError                exit 2   a recipe, gates file or checkpoint config is malformed
     ├── TargetError                exit 3   the target cannot be used
     │   ├── UnreachableError       exit 3   network down, server gone, 5xx after retries
@@ -72,6 +73,18 @@ class UsageError(VersaRunError):
     """A flag, value, task name or run reference is not acceptable; raised before any work."""
 
     exit_code = ExitCode.USAGE
+
+
+class MissingExtraError(UsageError):
+    """A command needs a package from an optional extra (e.g. `gpu`) that is not installed."""
+
+    def __init__(self, command: str, package: str, extra: str = "gpu") -> None:
+        super().__init__(
+            f"{command} needs the package {package!r}, which is not installed",
+            hint=f"Install the {extra!r} extra: pip install 'versa-runner[{extra}]'",
+        )
+        self.package = package
+        self.extra = extra
 
 
 class ConfigError(VersaRunError):

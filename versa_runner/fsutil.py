@@ -15,6 +15,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from versa_runner.errors import TransferError
+
 CHUNK_BYTES = 1 << 20  # 1 MiB reads for hashing and copying
 
 
@@ -37,6 +39,35 @@ def atomic_write_bytes(
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_copy(
+    source: str | os.PathLike[str], path: str | os.PathLike[str], *,
+    expected_sha256: str | None = None,
+) -> str:  # fmt: skip
+    """Copy `source` to `path` atomically; returns the copy's sha256.
+
+    With `expected_sha256`, a copy whose bytes hash differently is discarded before the rename
+    (TransferError), so `path` never holds a corrupt file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    digest = hashlib.sha256()
+    try:
+        with open(source, "rb") as src, open(tmp, "xb") as out:
+            while chunk := src.read(CHUNK_BYTES):
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+            raise TransferError(f"copy of {source} to {path} did not verify (sha256 mismatch)")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return digest.hexdigest()
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, *, mode: int | None = None) -> None:

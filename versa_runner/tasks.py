@@ -1,20 +1,25 @@
-"""Task registry: name -> notebook, parameter schema, host-side validation, declared outputs.
+"""Task registry: name -> notebook, parameters (declared once, as `params.Param`), host-side
+validation, declared outputs.
 
-Each task runs one notebook from `notebooks/`. Its flags keep the playbook's names
-(`--keep-frac`); papermill receives them in snake_case (`keep_frac`) plus `run_id`. Every value is
-typed, range-checked and cross-checked here, on the host, before anything is staged or uploaded
-(DESIGN.md "Tasks"): a flag a task does not take is an error naming the flag, never ignored.
-Defaults come from the playbook (seeds/000) and eaftreap_spec Appendix A.
+Each task runs one notebook from `notebooks/`. Its flags, their help, their validation and the
+notebook's parameters cell all come from the task's `Param` list (`versa_runner.params`); a test
+checks every notebook against it. Every value is typed, range-checked and cross-checked here, on
+the host, before anything is staged or uploaded (DESIGN.md "Tasks"): a flag a task does not take
+is an error naming the flag, never ignored. Defaults come from the playbook (seeds/000) and
+eaftreap_spec Appendix A.
 """
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from versa_runner.errors import UsageError
+from versa_runner import params
+from versa_runner.errors import ConfigError, UsageError
+from versa_runner.params import Param, did_you_mean, parse_flags, task_parser
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 KAGGLE_20B_PATH = "/kaggle/input/gpt-oss-20b/transformers/default/1"
@@ -29,50 +34,6 @@ SCORE_KEYS = (
     "eaft_gate_norm_sum", "gate_norm_sum", "eaft_saliency_mean", "saliency_mean",
     "pos_gate_norm_sum", "norm_sum", "gate_sum", "count",
 )  # fmt: skip
-TRUE_WORDS = ("1", "true", "yes", "on")
-FALSE_WORDS = ("0", "false", "no", "off")
-
-
-@dataclass(frozen=True)
-class Param:
-    """One task flag. `kind`: int, float, str, bool, choice, int_csv, float_csv, str_csv."""
-
-    flag: str
-    kind: str
-    default: Any
-    help: str
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # True: the lower bound itself is not allowed, e.g. keep_frac in (0, 1]
-    choices: tuple[str, ...] = ()
-    required: bool = False
-
-    @property
-    def name(self) -> str:
-        """The papermill parameter name: `--keep-frac` -> `keep_frac`."""
-        return self.flag.lstrip("-").replace("-", "_")
-
-    def allowed(self) -> str:
-        """Human text of what values are allowed (used in every error about this flag)."""
-        if self.choices:
-            return "one of " + ", ".join(self.choices)
-        number = {"int": "an integer", "float": "a number", "int_csv": "comma-separated integers",
-                  "float_csv": "comma-separated numbers", "bool": "true or false",
-                  "str_csv": "comma-separated names"}.get(self.kind, "a string")  # fmt: skip
-        if self.low is None and self.high is None:
-            return number
-        left = "(" if self.low_open else "["
-        low = "-inf" if self.low is None else _fmt(self.low)
-        high = "inf)" if self.high is None else _fmt(self.high) + "]"
-        return (
-            f"{number}, each in {left}{low}, {high}"
-            if "csv" in self.kind
-            else f"{number} in {left}{low}, {high}"
-        )
-
-
-def _fmt(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
 
 
 @dataclass(frozen=True)
@@ -95,95 +56,15 @@ class Task:
         return next((p for p in self.params if p.flag == flag), None)
 
 
-def _coerce_one(param: Param, text: str, kind: str) -> Any:
-    try:
-        value: Any = {"int": int, "float": float}.get(kind, str)(text.strip())
-    except ValueError:
-        raise UsageError(f"{param.flag}: expected {param.allowed()}, got {text!r}") from None
-    if kind in ("int", "float"):
-        too_low = param.low is not None and (
-            value <= param.low if param.low_open else value < param.low
-        )
-        too_high = param.high is not None and value > param.high
-        if too_low or too_high:
-            raise UsageError(f"{param.flag}: expected {param.allowed()}, got {text!r}")
-    return value
-
-
-def coerce(param: Param, text: str) -> Any:
-    """Turn the command-line text of one flag into its typed value, or raise UsageError."""
-    if param.kind == "bool":
-        if text.lower() in TRUE_WORDS:
-            return True
-        if text.lower() in FALSE_WORDS:
-            return False
-        raise UsageError(f"{param.flag}: expected {param.allowed()}, got {text!r}")
-    if param.kind == "choice":
-        if text not in param.choices:
-            raise UsageError(f"{param.flag}: expected {param.allowed()}, got {text!r}")
-        return text
-    if param.kind.endswith("_csv"):
-        items = [item for item in text.split(",") if item.strip()]
-        if not items:
-            raise UsageError(f"{param.flag}: expected {param.allowed()}, got {text!r}")
-        item_kind = param.kind.removesuffix("_csv")
-        values = [_coerce_one(param, item, item_kind) for item in items]
-        return [v.strip() for v in values] if item_kind == "str" else values
-    return _coerce_one(param, text, param.kind)
-
-
 def parse_task_args(task: Task, argv: Sequence[str]) -> dict[str, Any]:
-    """Parse `--flag value` / `--flag=value` / `--bool-flag` tokens into validated parameters."""
-    given: dict[str, Any] = {}
-    tokens = list(argv)
-    index = 0
-    while index < len(tokens):
-        token = tokens[index]
-        flag, has_inline, inline = token.partition("=")
-        param = task.param(flag) if flag.startswith("--") else None
-        negated = task.param("--" + flag[len("--no-") :]) if flag.startswith("--no-") else None
-        if param is None and negated is not None and negated.kind == "bool" and not has_inline:
-            given[negated.name] = False
-            index += 1
-            continue
-        if param is None:
-            raise UsageError(
-                f"task {task.name} does not take {flag!r}",
-                hint=f"its flags: {', '.join(p.flag for p in task.params)} "
-                f"(`versa-run --task {task.name} --help` explains them)",
-            )
-        if param.kind == "bool" and not has_inline:
-            given[param.name] = True
-            index += 1
-            continue
-        if has_inline:
-            text, index = inline, index + 1
-        elif index + 1 < len(tokens):
-            text, index = tokens[index + 1], index + 2
-        else:
-            raise UsageError(f"{param.flag}: missing value (expected {param.allowed()})")
-        given[param.name] = coerce(param, text)
-    return validate(task, given)
+    """Parse a task's flags (`--flag value`, `--flag=value`, `--bool-flag`, `--no-bool-flag`) into
+    validated parameters, defaults filled in."""
+    return validate(task, parse_flags(task.name, task.params, argv))
 
 
 def validate(task: Task, given: dict[str, Any]) -> dict[str, Any]:
     """Fill defaults, check required flags and the task's cross-field rules; returns all params."""
-    values: dict[str, Any] = {}
-    for param in task.params:
-        if param.name in given:
-            values[param.name] = given[param.name]
-        elif param.required:
-            raise UsageError(f"{param.flag} is required for task {task.name} ({param.help})")
-        else:
-            default = param.default
-            values[param.name] = (
-                coerce(param, default)
-                if isinstance(default, str) and param.kind.endswith("_csv")
-                else default
-            )
-    if task.check is not None:
-        task.check(values)
-    return values
+    return params.validate(task.name, task.params, given, task.check)
 
 
 def get_task(name: str) -> Task:
@@ -192,20 +73,71 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise UsageError(
-            f"unknown task {name!r}; known tasks: {', '.join(TASKS)}",
+            f"unknown task {name!r}{did_you_mean(name, list(TASKS))}; known tasks: "
+            f"{', '.join(TASKS)}",
             hint="`versa-run --task TASK --help` shows a task's flags.",
         ) from None
 
 
+def notebook_owner(notebook: str) -> Task:
+    """The task whose defaults a shared notebook's parameters cell shows (the first registered)."""
+    return next(task for task in TASKS.values() if task.notebook == notebook)
+
+
+def parameters_cell(task: Task) -> str:
+    """The parameters cell `task`'s notebook carries, generated from the declaration."""
+    return params.parameters_cell(task.params)
+
+
+def notebook_parameters(path: Path) -> dict[str, str]:
+    """Names and source text of the assignments in a notebook's `parameters` cell."""
+    import nbformat  # only the notebook checks need it; `versa-run --help` stays light
+
+    notebook = nbformat.read(path, as_version=nbformat.NO_CONVERT)
+    cells = [c for c in notebook.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ConfigError(f"{path}: expected one cell tagged `parameters`, found {len(cells)}")
+    source = "".join(cells[0].source)
+    return {
+        target.id: ast.get_source_segment(source, node.value) or ""
+        for node in ast.parse(source).body
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+
+
+def notebook_mismatches(task: Task, path: Path | None = None) -> list[str]:
+    """How the notebook's parameters cell differs from `task`'s declaration (empty: in step).
+
+    Every notebook parameter needs a flag and every flag a notebook parameter; the notebook's
+    owner (`notebook_owner`) must carry exactly the generated cell, defaults included.
+    """
+    path = path or task.notebook_path()
+    found = notebook_parameters(path)
+    declared = {p.name for p in task.params} | {params.RUN_ID}
+    problems = [f"{path.name}: parameter {name!r} has no flag in task {task.name}"
+                for name in sorted(set(found) - declared)]  # fmt: skip
+    problems += [f"{path.name}: flag of {name!r} (task {task.name}) is not a notebook parameter"
+                 for name in sorted(declared - set(found))]  # fmt: skip
+    if not problems and notebook_owner(task.notebook) is task:
+        import nbformat
+
+        notebook = nbformat.read(path, as_version=nbformat.NO_CONVERT)
+        cell = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+        if "".join(cell.source) != parameters_cell(task):
+            problems.append(f"{path.name}: parameters cell differs from tasks.parameters_cell"
+                            f"({task.name!r}) (defaults or help drifted)")  # fmt: skip
+    return problems
+
+
 def task_help(task: Task) -> str:
-    """Plain-text help for one task's flags (shown by `versa-run --task T --help`)."""
-    lines = [f"versa-run --task {task.name} [flags]", "", task.summary, "",
-             f"notebook: notebooks/{task.notebook}.ipynb", "", "flags:"]  # fmt: skip
-    for p in task.params:
-        default = "required" if p.required else f"default {p.default!r}"
-        lines.append(f"  {p.flag:<34} {p.help} ({p.allowed()}; {default})")
-    lines += ["", "writes:"] + [f"  {out}" for out in task.outputs]
-    return "\n".join(lines)
+    """Help for one task's flags (shown by `versa-run --task T --help`), from its declaration."""
+    notebook = f"notebook: notebooks/{task.notebook}.ipynb"
+    writes = "writes:\n" + "\n".join(f"  {out}" for out in task.outputs)
+    parser = task_parser(task.name, task.params, description=f"{task.summary}\n\n{notebook}",
+                         epilog=writes)  # fmt: skip
+    return parser.format_help()
 
 
 # ---- cross-field checks (need no data) -------------------------------------------------------
@@ -286,7 +218,9 @@ def _build_params(*, keep_frac: Param, layout_default: str) -> tuple[Param, ...]
         Param("--out-dir", "str", "", "pruned checkpoint directory (default under artifacts/)"),
         Param("--overwrite", "bool", False, "replace an existing --out-dir"),
         Param("--max-tokens-per-row", "int", 0, "cap on completion tokens scored per row "
-              "(0 = score every completion token)", low=0, high=1_048_576),
+              "(0: score every completion token)", low=0, high=1_048_576),
+        Param("--baseline-eval-rows", "int", 0, "held-out rows for the PPL of EAFT-REAP vs "
+              "frequency vs random, 5 seeds (0: skip)", low=0, high=1_000_000),
         _GPUS,
     )
 

@@ -1,7 +1,7 @@
 """The seam between the run lifecycle and a target: transport primitives only.
 
-A backend moves bytes and runs short Python snippets on its target; it knows nothing of runs,
-status files, heartbeats or journals (those live once, above it, in `versa_runner.lifecycle`).
+A backend moves bytes and runs short Python programs on its target; it knows nothing of runs,
+status files, heartbeats or journals (those live once, above it, in `versa_runner.runs`).
 Adding a target is one module implementing `Backend` plus one line in `backends.REGISTRY`.
 
 Paths passed to a backend are POSIX paths *relative to the target root* (`Backend.root`): on
@@ -17,11 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-# Remote snippets print exactly one line starting with this marker followed by JSON
-# (versa_spec §8.2: never "the first line that starts with {").
-SENTINEL = "__VERSA_RUNNER__ "
+from versa_runner.errors import TargetError
+from versa_runner.target import bundle, reply
+from versa_runner.target.reply import SENTINEL
 
 ProgressFn = Callable[[int], None]
 """Called with the number of bytes just transferred (for progress bars)."""
@@ -83,3 +83,21 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release connections; using the backend afterwards raises RuntimeError."""
         ...
+
+
+def call_target(backend: Backend, call: str, args: dict[str, Any], *, timeout_s: float) -> Any:
+    """Run one op of `versa_runner.target` (e.g. `"ops.kill"`) on the target; its reply.
+
+    The op's source travels with the call (`target.bundle.program`); a reply that never comes
+    is a TargetError naming the op and the output's tail.
+    """
+    stdout = backend.run_python(bundle.program(call, args), timeout_s=timeout_s)
+    try:
+        return reply.parse(stdout)
+    except reply.MissingReply as exc:
+        raise TargetError(
+            f"{call}: the target sent no reply line (stdout tail: {exc.tail!r})"
+        ) from exc
+
+
+__all__ = ["SENTINEL", "Backend", "ProgressFn", "RemoteStat", "call_target"]

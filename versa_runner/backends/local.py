@@ -3,24 +3,28 @@
 It speaks the same transport primitives as every other target, so the run lifecycle above it
 is the one remote runs use: files are written atomically under the root, and Python snippets
 run in a fresh `sys.executable -` process with the code on stdin (never in argv, so `ps` shows
-nothing a snippet carries) and an environment without secrets (`scrubbed_environment`). The job's working directory is the root itself, which is why syncing
-a local run transfers nothing.
+nothing a snippet carries) and an environment without secrets (`scrubbed_environment`).
+The job's working directory is the root itself, which is why syncing a local run transfers
+nothing.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from versa_runner.backends.base import ProgressFn, RemoteStat
 from versa_runner.errors import TargetError, TransferError, UnsafePathError
-from versa_runner.fsutil import CHUNK_BYTES, atomic_write_bytes, sha256_file
-from versa_runner.secrets import is_never_forwarded, is_secret_name
+from versa_runner.fsutil import CHUNK_BYTES, atomic_copy, atomic_write_bytes, sha256_file
+from versa_runner.runs.secrets import is_never_forwarded, is_secret_name
+
+if TYPE_CHECKING:
+    from versa_runner.backends import TargetOptions
 
 
 class LocalBackend:
@@ -63,15 +67,7 @@ class LocalBackend:
         """Copy a file under the root, sha256-verified, renamed into place."""
         target = self._resolve(path)
         with _translate_os_errors(path):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.upload.tmp")
-            try:
-                shutil.copyfile(local_path, tmp)
-                if sha256_file(tmp) != sha256_file(local_path):
-                    raise TransferError(f"upload of {path} did not verify (sha256 mismatch)")
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+            atomic_copy(local_path, target, expected_sha256=sha256_file(local_path))
         if progress is not None:
             progress(target.stat().st_size)
 
@@ -155,3 +151,11 @@ def _translate_os_errors(path: str) -> Iterator[None]:
         yield
     except OSError as exc:
         raise TransferError(f"local file operation on {path} failed: {exc.strerror}") from exc
+
+
+def from_options(options: TargetOptions, *, root: str | None = None) -> LocalBackend:
+    """The local target: the run's recorded root, else the output directory."""
+    return LocalBackend(root or Path(options.output_dir).resolve())
+
+
+BACKEND_CLASS = LocalBackend

@@ -2,7 +2,7 @@
 
 Protocol (versa_spec §8.8), generic over backends:
 
-1. a snippet on the target builds the manifest (relative path, size, mtime, sha256) of
+1. an op on the target (`target.fileops.manifest`) builds the manifest (relative path, size, mtime, sha256) of
    `artifacts/`, `reports/` and the run's `output.ipynb` / `run.log`; symlinks are not followed;
 2. each entry's path is checked before anything is written: absolute paths, `..` and links
    leaving the destination raise UnsafePathError;
@@ -19,77 +19,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from versa_runner import snippets
-from versa_runner.backends.base import Backend
+from versa_runner.backends.base import Backend, call_target
 from versa_runner.errors import TransferError, UnsafePathError
-from versa_runner.fsutil import atomic_write_json, sha256_file
-from versa_runner.runs import RunRecord
+from versa_runner.fsutil import atomic_copy, atomic_write_json, sha256_file
+from versa_runner.runs.journal import RunRecord
 
 LOCAL_MANIFEST = ".versa_manifest.json"
 OUTPUT_DIRS = ("artifacts", "reports")
 RUN_FILES = ("output.ipynb", "run.log")
 MANIFEST_TIMEOUT_S = 600.0  # hashing multi-GB checkpoints takes minutes (versa_spec §8.15)
 PART_SUFFIX = ".part"
-
-# Hashing is the slow part (a pruned checkpoint under artifacts/ is many GB), so the snippet
-# keeps `versa_runs/manifest_cache.json` (path -> size, mtime, sha256) on the target and rehashes
-# only files whose size or mtime changed. Not a hidden name: jupyter_server refuses those.
-MANIFEST_SNIPPET = r"""
-import hashlib, json, os
-args = json.loads(__ARGS__)
-root = args["root"]
-cache_path = os.path.join(root, "versa_runs", "manifest_cache.json")
-try:
-    with open(cache_path) as fh:
-        cache = json.load(fh)
-except (OSError, ValueError):
-    cache = {}
-entries = []
-
-def add(rel):
-    full = os.path.join(root, rel)
-    if os.path.islink(full) or not os.path.isfile(full):
-        return
-    info = os.stat(full)
-    known = cache.get(rel)
-    if known and known["size_bytes"] == info.st_size and known["mtime"] == info.st_mtime:
-        sha = known["sha256"]
-    else:
-        digest = hashlib.sha256()
-        with open(full, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        sha = digest.hexdigest()
-    entry = {"path": rel, "size_bytes": info.st_size, "mtime": info.st_mtime, "sha256": sha}
-    cache[rel] = entry
-    entries.append(entry)
-
-for top in args["dirs"]:
-    base = os.path.join(root, top)
-    for dirpath, dirnames, filenames in os.walk(base):  # os.walk does not follow dir symlinks
-        dirnames.sort()
-        for name in sorted(filenames):
-            if name.endswith(".part") or (name.startswith(".") and name.endswith(".tmp")):
-                continue
-            add(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
-for rel in args["files"]:
-    add(rel)
-try:
-    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    tmp = f"{cache_path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(cache, fh)
-    os.replace(tmp, cache_path)
-except OSError:
-    pass  # the cache only saves time
-print(__SENTINEL__ + json.dumps({"entries": entries}))
-"""
 
 
 @dataclass(frozen=True)
@@ -140,12 +84,9 @@ def safe_destination(dest_root: Path, relative: str) -> Path:
 def remote_manifest(
     backend: Backend, *, dirs: Iterable[str], files: Iterable[str]
 ) -> list[ManifestEntry]:
-    """Build the manifest on the target (one snippet) and parse it."""
+    """Build the manifest on the target (one op) and parse it."""
     args = {"root": backend.root(), "dirs": list(dirs), "files": list(files)}
-    code = snippets.render(MANIFEST_SNIPPET, args)
-    reply = snippets.parse_reply(
-        backend.run_python(code, timeout_s=MANIFEST_TIMEOUT_S), what="manifest"
-    )
+    reply = call_target(backend, "fileops.manifest", args, timeout_s=MANIFEST_TIMEOUT_S)
     return [ManifestEntry(**entry) for entry in reply["entries"]]
 
 
@@ -218,11 +159,5 @@ def copy_executed_notebook(record: RunRecord, dest_root: Path) -> Path | None:
     target = executed_notebook_path(dest_root, record)
     if target.exists() and sha256_file(target) == sha256_file(source):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_copy(source, target)
     return target

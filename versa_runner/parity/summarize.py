@@ -34,7 +34,7 @@ from typing import Any
 
 from versa_runner.errors import ConfigError, UsageError, VersaRunError
 from versa_runner.fsutil import atomic_write_text
-from versa_runner.gates import DEFAULT_GATES_PATH, GateCheck, Gates, load_gates
+from versa_runner.parity.gates import DEFAULT_GATES_PATH, GateCheck, Gates, load_gates
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def summarize_pair(
     gates_json: str | Path | None = None,
 ) -> PairSummary:
     """Load, compare, plot and write the markdown report; returns the summary (raises on refusal)."""
-    from versa_runner.summary_report import render_markdown, write_plots
+    from versa_runner.parity.report import render_markdown, write_plots
 
     gates = load_gates(gates_json)
     left = load_eaft_json(left_json, param="--left-json")

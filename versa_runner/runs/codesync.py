@@ -7,7 +7,7 @@ sha256 names the code state. On the target it is unpacked into `<root>/versa_cod
 
 - an unchanged tree is not uploaded again: `versa_code/<hash>/versa_sync.json` exists only in a
   complete extraction, and its recorded sha256 must match (versa_spec §8.7);
-- extraction refuses absolute names, `..`, links and devices, unpacks into a fresh sibling
+- extraction (`target.fileops.extract_code`) refuses absolute names, `..`, links and devices, unpacks into a fresh sibling
   directory and renames it into place, so a reader never sees a half-written tree;
 - outputs never live under `versa_code/` (the lesson of versa_spec §4.1: a re-sync deleted
   pruned checkpoints written inside the synced dir), and old trees are left alone.
@@ -28,13 +28,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from versa_runner import snippets
-from versa_runner.backends.base import Backend, ProgressFn
+from versa_runner.backends.base import Backend, ProgressFn, call_target
 from versa_runner.errors import TransferError, UsageError
 from versa_runner.fsutil import atomic_write_bytes, sha256_file
+from versa_runner.target.layout import CODE_STATE_FILE as STATE_FILE
 
 CODE_DIR = "versa_code"
-STATE_FILE = "versa_sync.json"
 INCOMING_DIR = f"{CODE_DIR}/incoming"
 DEFAULT_TREES = ("kernels", "notebooks")
 MAX_ARCHIVE_BYTES = 200 << 20  # versa_spec §8.7: refuse a compressed tree over 200 MiB
@@ -148,10 +147,7 @@ def stage_code(
         "sha256": archive.sha256,
         "files": archive.files,
     }
-    reply = snippets.parse_reply(
-        backend.run_python(snippets.render(EXTRACT_SNIPPET, args), timeout_s=EXTRACT_TIMEOUT_S),
-        what="code extraction",
-    )
+    reply = call_target(backend, "fileops.extract_code", args, timeout_s=EXTRACT_TIMEOUT_S)
     if reply.get("error"):
         raise TransferError(f"code archive refused on the target: {reply['error']}")
     return absolute
@@ -177,52 +173,6 @@ def _tar_info(name: str, kind: bytes, mode: int, size: int) -> tarfile.TarInfo:
     info.type, info.mode, info.size = kind, mode, size
     info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
     return info
-
-
-# Runs on the target (stdlib only). Checks every member before writing anything, extracts into a
-# fresh sibling, writes the state file last, then renames into place; an older complete copy of
-# the same hash is moved aside and removed only after the new one is in place.
-EXTRACT_SNIPPET = r"""
-import hashlib, json, os, shutil, tarfile, uuid
-args = json.loads(__ARGS__)
-root = args["root"]
-archive = os.path.join(root, args["archive"])
-final = os.path.join(root, args["code_dir"])
-reply = {"error": ""}
-digest = hashlib.sha256()
-with open(archive, "rb") as fh:
-    for block in iter(lambda: fh.read(1 << 20), b""):
-        digest.update(block)
-if digest.hexdigest() != args["sha256"]:
-    reply["error"] = "archive sha256 mismatch"
-else:
-    with tarfile.open(archive, "r:gz") as tar:
-        members = tar.getmembers()
-        for m in members:
-            parts = m.name.split("/")
-            if m.name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
-                reply["error"] = "unsafe member %r" % m.name
-                break
-        if not reply["error"]:
-            staging = "%s.new-%s" % (final, uuid.uuid4().hex[:8])
-            os.makedirs(staging)
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(staging, members=members, filter="data")
-            else:
-                tar.extractall(staging, members=members)
-            state = {"sha256": args["sha256"], "files": args["files"]}
-            with open(os.path.join(staging, "versa_sync.json"), "w") as fh:
-                json.dump(state, fh)
-            old = None
-            if os.path.exists(final):
-                old = "%s.old-%s" % (final, uuid.uuid4().hex[:8])
-                os.rename(final, old)
-            os.rename(staging, final)
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
-os.unlink(archive)
-print(__SENTINEL__ + json.dumps(reply))
-"""
 
 
 __all__ = [

@@ -33,7 +33,7 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from versa_runner.backends.base import ProgressFn, RemoteStat
-from versa_runner.backends.jupyter_url import JupyterTarget
+from versa_runner.backends.jupyter.url import JupyterTarget
 from versa_runner.errors import AuthError, TargetError, TransferError, UnreachableError
 
 log = logging.getLogger(__name__)

@@ -17,25 +17,30 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import secrets
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from versa_runner import snippets
-from versa_runner.backends.base import SENTINEL, ProgressFn, RemoteStat
-from versa_runner.backends.jupyter_http import (
+from versa_runner.backends.base import ProgressFn, RemoteStat, call_target
+from versa_runner.backends.jupyter.http import (
     DOWNLOAD_READ_BYTES,
     UPLOAD_CHUNK_BYTES,
     JupyterHttp,
     RetryPolicy,
     contents_path,
 )
-from versa_runner.backends.jupyter_url import JupyterTarget, parse_server_url, redact
-from versa_runner.backends.jupyter_ws import KernelChannel
-from versa_runner.errors import AuthError, TargetError, TransferError
+from versa_runner.backends.jupyter.url import (
+    JupyterTarget,
+    parse_server_url,
+    redact,
+    resolve_target,
+)
+from versa_runner.backends.jupyter.ws import KernelChannel
+from versa_runner.errors import TargetError, TransferError
+
+if TYPE_CHECKING:
+    from versa_runner.backends import TargetOptions
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +93,9 @@ class JupyterBackend:
             probe = f"versa_root_probe-{secrets.token_hex(6)}"
             body = {"type": "file", "format": "text", "content": "probe"}
             self.http.request("PUT", contents_path(probe), json=body, ok=(200, 201))
-            code = ROOT_SNIPPET.replace("__PROBE__", repr(probe)).replace(
-                "__SENTINEL__", repr(SENTINEL)
+            found = call_target(
+                self, "fileops.find_root", {"probe": probe}, timeout_s=ROOT_TIMEOUT_S
             )
-            found = json.loads(_sentinel_json(self.run_python(code, timeout_s=ROOT_TIMEOUT_S)))
             if not found:
                 raise TargetError(
                     "could not locate the Jupyter root from the launcher kernel",
@@ -210,11 +214,7 @@ class JupyterBackend:
         self.http.mkdirs(final.parent)
         tmp = str(final.with_name(f"{final.name}.versa-{secrets.token_hex(4)}.part"))
         if mode is not None:
-            self._python_on_paths(
-                "os.close(os.open(a, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, m)); os.chmod(a, m)",
-                a=tmp,
-                m=mode,
-            )
+            self._on_target("fileops.create_private", path=tmp, mode=mode)
         try:
             for _ in range(UPLOAD_ATTEMPTS):
                 self.http.put_chunks(
@@ -226,7 +226,7 @@ class JupyterBackend:
             else:
                 raise TransferError(f"upload of {path!r} failed its sha256 check twice")
             if not self.http.rename_fresh(tmp, str(final)):
-                self._python_on_paths("os.replace(a, b)", a=tmp, b=str(final))
+                self._on_target("fileops.replace", source=tmp, dest=str(final))
         except BaseException:
             self._discard(tmp)
             raise
@@ -239,7 +239,7 @@ class JupyterBackend:
         """
         try:
             if self._channel is not None:
-                self._python_on_paths("os.path.exists(a) and os.unlink(a)", a=path)
+                self._on_target("fileops.remove", path=path)
             else:
                 self.http.remove(path)
         except (TargetError, RuntimeError) as exc:
@@ -250,20 +250,11 @@ class JupyterBackend:
         model = self.http.model(path, with_hash=True) or {}
         if model.get("hash") and model.get("hash_algorithm") == "sha256":
             return str(model["hash"])
-        code = (
-            "h = hashlib.sha256()\nwith open(a, 'rb') as f:\n"
-            "    for blk in iter(lambda: f.read(1 << 20), b''):\n        h.update(blk)\n"
-            f"print({SENTINEL!r} + json.dumps(h.hexdigest()))"
-        )
-        return json.loads(_sentinel_json(self._python_on_paths(code, a=path)))
+        return str(self._on_target("fileops.sha256", path=path))
 
-    def _python_on_paths(self, body: str, **names: str | int) -> str:
-        """Run `body` with root-relative path arguments bound to absolute paths (ints as is)."""
-        lines = ["import hashlib, json, os", f"r = {self.root()!r}"]
-        for name, value in names.items():
-            bound = f"os.path.join(r, {value!r})" if isinstance(value, str) else f"{value:#o}"
-            lines.append(f"{name} = {bound}")
-        return self.run_python("\n".join([*lines, body]), timeout_s=HASH_TIMEOUT_S)
+    def _on_target(self, call: str, **args: str | int) -> Any:
+        """Run a file op of `versa_runner.target` with paths relative to the root."""
+        return call_target(self, call, {"root": self.root(), **args}, timeout_s=HASH_TIMEOUT_S)
 
     def _kernel_channel(self) -> KernelChannel:
         self._check_open()
@@ -296,75 +287,22 @@ class JupyterBackend:
             log.warning("interrupt of kernel %s failed: %s", self._kernel_id, exc)
 
 
-# Finds the directory holding the probe file the contents API just wrote, and removes the probe.
-ROOT_SNIPPET = r"""
-import json, os
-probe, found = __PROBE__, None
-parts = os.getcwd().split(os.sep)
-candidates = [os.sep.join(parts[:i]) or os.sep for i in range(len(parts), 0, -1)]
-for candidate in candidates + ["/kaggle/working"]:
-    if os.path.isfile(os.path.join(candidate, probe)):
-        found = candidate
-        os.unlink(os.path.join(candidate, probe))
-        break
-print(__SENTINEL__ + json.dumps(found))
-"""
+def from_options(options: TargetOptions, *, root: str | None = None) -> JupyterBackend:
+    """The Jupyter target the flags (or REMOTE_JUPYTER_URL and friends) name."""
+    target = resolve_target(
+        url=options.url, url_file=options.url_file, token_file=options.token_file,
+        kernel_id=options.kernel_id, environ=options.environ,
+    )  # fmt: skip
+    return JupyterBackend(target, root=root)
 
 
-@dataclass(frozen=True)
-class DoctorCheck:
-    """One line of `versa-run doctor`: what was checked, whether it passed, what was seen."""
+BACKEND_CLASS = JupyterBackend
 
-    name: str
-    ok: bool
-    detail: str
-
-
-def doctor(backend: JupyterBackend, *, min_free_gb: float = 5.0) -> list[DoctorCheck]:
-    """Reachability, auth, kernel, python, papermill, GPUs and free disk of a Jupyter target.
-
-    Stops at the first check the rest depend on (no point starting a kernel on a 403).
-    """
-    checks: list[DoctorCheck] = []
-    url = backend.target.redacted_url
-    try:
-        version = backend.http.request("GET", "/api").json().get("version", "?")
-    except AuthError:
-        version = "?"  # some proxies guard even /api; the auth check below says more
-    except TargetError as exc:  # unreachable, or a 404 from a proxy that forgot the path
-        hint = exc.hint or "Check the URL; a Kaggle URL changes when its session restarts."
-        return [DoctorCheck("reachable", False, f"{url}: {exc} -- {hint}")]
-    checks.append(DoctorCheck("reachable", True, f"{url} (jupyter_server {version})"))
-    try:
-        backend.api_status()
-    except AuthError as exc:
-        return [*checks, DoctorCheck("auth", False, f"{exc} -- {exc.hint}")]
-    checks.append(DoctorCheck("auth", True, "token" if backend.target.token else "URL credential"))
-    try:
-        code = snippets.render(snippets.PREFLIGHT, {"root": backend.root()})
-        info = snippets.parse_reply(
-            backend.run_python(code, timeout_s=ROOT_TIMEOUT_S), what="doctor"
-        )
-    except TargetError as exc:
-        return [*checks, DoctorCheck("kernel", False, str(exc))]
-    checks.append(DoctorCheck("kernel", True, f"launcher kernel {backend.kernel_id}"))
-    checks.append(DoctorCheck("python", True, f"{info['python']} ({info['executable']})"))
-    checks.append(DoctorCheck("papermill", bool(info["papermill"] and info["ipykernel"]),
-                              "papermill + ipykernel importable" if info["papermill"]
-                              and info["ipykernel"] else "missing: install or use --profile kaggle"))  # fmt: skip
-    checks.append(DoctorCheck("gpus", True, "; ".join(info["gpus"]) or "none visible"))
-    free_gb = info["free_bytes"] / 1e9
-    checks.append(DoctorCheck("disk", free_gb >= min_free_gb,
-                              f"{free_gb:.1f} GB free under {backend.root()} (need {min_free_gb:g})"))  # fmt: skip
-    return checks
-
-
-def _sentinel_json(stdout: str) -> str:
-    """The JSON after the one `__VERSA_RUNNER__ ` line of a snippet's stdout."""
-    for line in stdout.splitlines():
-        if line.startswith(SENTINEL):
-            return line[len(SENTINEL) :]
-    raise TargetError(f"runner snippet printed no {SENTINEL.strip()} line: {stdout[-300:]!r}")
-
-
-__all__ = ["DoctorCheck", "JupyterBackend", "doctor", "JupyterTarget", "RetryPolicy", "redact"]
+__all__ = [
+    "BACKEND_CLASS",
+    "JupyterBackend",
+    "from_options",
+    "JupyterTarget",
+    "RetryPolicy",
+    "redact",
+]

@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
-from versa_runner.secrets import Redactor
+from versa_runner.runs.secrets import Redactor
 
 if TYPE_CHECKING:
     from versa_runner.errors import VersaRunError
-    from versa_runner.lifecycle import RunStatus
-    from versa_runner.runs import RunRecord
-    from versa_runner.sync import SyncResult
+    from versa_runner.runs.journal import RunRecord
+    from versa_runner.runs.status import RunStatus
+    from versa_runner.runs.sync import SyncResult
 
 
 def follow_up_commands(run_id: str, options: str = "") -> list[str]:

@@ -1,7 +1,9 @@
-"""The program that runs a job on the target: `python launcher.py <run_dir>` in its own session.
+"""The program that runs a job on the target: `python launcher.pyz <run_dir>` in its own session.
 
-Standard library only: this file is uploaded verbatim into `versa_runs/<run_id>/` on targets that
-may not have `versa_runner` installed, so it must not import it (versa_spec §8.4, §8.5).
+Standard library only: this package is uploaded as a zip app (`launcher.pyz`, built by
+`target.bundle`) into `versa_runs/<run_id>/` on targets that may not have `versa_runner`
+installed, so it imports only its siblings (versa_spec §8.4, §8.5). From a checkout the same
+module runs as `python -m versa_runner.target.launcher <run_dir>`.
 
 What it does, in order (each step leaves evidence before anything can fail later):
 
@@ -34,12 +36,18 @@ import subprocess
 import sys
 import time
 
-STATUS_FILE = "status.json"
-EXIT_CODE_FILE = "exit_code"
-HEARTBEAT_FILE = "heartbeat"
-LAUNCH_FILE = "launch.json"
-SECRETS_FILE = "secrets.env"
-LOG_FILE = "run.log"
+from . import files, proc
+from .layout import (
+    EXIT_CODE_FILE,
+    HEARTBEAT_FILE,
+    INPUT_NOTEBOOK,
+    LAUNCH_FILE,
+    LOG_FILE,
+    OUTPUT_NOTEBOOK,
+    PARAMS_FILE,
+    SECRETS_FILE,
+    STATUS_FILE,
+)
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 15.0
 DEFAULT_KILL_GRACE_S = 10.0
@@ -49,6 +57,11 @@ TIMEOUT_EXIT_CODE = 124  # same convention as coreutils `timeout`
 SIGNAL_EXIT_BASE = 128  # a job ended by signal N exits 128 + N, like a shell reports it
 POLL_S = 0.2
 LOG_PREFIX = "[versa-runner]"
+# Bootstrap steps that run this package's own modules (`packages`) find it through these two
+# variables: the sys.path entry holding the package, and its name (`versa_target` in the zip
+# app, `versa_runner.target` in a checkout).
+TARGET_PATH_ENV = "VERSA_TARGET_PATH"
+TARGET_PACKAGE_ENV = "VERSA_TARGET_PACKAGE"
 
 
 def utc_now() -> str:
@@ -56,74 +69,13 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def atomic_write(path: str, text: str, mode: int = 0o644) -> None:
-    """Write a file that other processes read: temp in the same dir, fsync, rename."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def proc_start_ticks(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks): tells a live pid from a reused one."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])  # fields[0] is field 3 (state), so field 22 is index 19
-
-
-def descendants(root_pid: int) -> dict[int, int]:
-    """Map pid -> pgid of every live process descended from `root_pid` (scanning /proc)."""
-    parent_of: dict[int, int] = {}
-    pgid_of: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] == "Z":
-            continue
-        parent_of[int(entry)] = int(fields[1])
-        pgid_of[int(entry)] = int(fields[2])
-    found: dict[int, int] = {}
-    frontier = [root_pid]
-    while frontier:
-        parent = frontier.pop()
-        for pid, ppid in parent_of.items():
-            if ppid == parent and pid not in found:
-                found[pid] = pgid_of[pid]
-                frontier.append(pid)
-    return found
-
-
-def signal_tree(pids: dict[int, int], sig: int, own_pgid: int) -> None:
-    """Send `sig` to each process group in `pids` (never our own) and to each pid."""
-    for pgid in set(pids.values()):
-        if pgid != own_pgid:
-            try:
-                os.killpg(pgid, sig)
-            except OSError:
-                pass
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
+def package_location() -> tuple[str, str]:
+    """(sys.path entry that holds this package, the package's dotted name)."""
+    package = __package__ or "versa_target"
+    path = os.path.dirname(os.path.abspath(__file__))
+    for _ in package.split("."):
+        path = os.path.dirname(path)
+    return path, package
 
 
 class Launcher:
@@ -157,7 +109,9 @@ class Launcher:
     def write_status(self, **fields: object) -> None:
         """Merge `fields` into status.json and rewrite it atomically."""
         self.status.update(fields)
-        atomic_write(self._path(STATUS_FILE), json.dumps(self.status, indent=2, sort_keys=True))
+        files.atomic_write_text(
+            self._path(STATUS_FILE), json.dumps(self.status, indent=2, sort_keys=True)
+        )
 
     def touch_heartbeat(self) -> None:
         """Bump the heartbeat's mtime (readers use only the mtime, so no fsync: under load an
@@ -170,7 +124,7 @@ class Launcher:
     def finish(self, state: str, exit_code: int) -> int:
         """Write `exit_code` first, then the final status (readers key off exit_code's presence)."""
         self.keep_executed_notebook()
-        atomic_write(self._path(EXIT_CODE_FILE), f"{exit_code}\n")
+        files.atomic_write_text(self._path(EXIT_CODE_FILE), f"{exit_code}\n")
         self.write_status(state=state, exit_code=exit_code, ended_at=utc_now())
         self.say(f"state={state} exit_code={exit_code}")
         return exit_code
@@ -179,14 +133,14 @@ class Launcher:
         """Copy output.ipynb to `notebook_copy` (e.g. reports/notebooks/<run>_<task>.ipynb) under
         the job cwd, so the executed notebook travels with the job's reports on every target."""
         relative = self.config.get("notebook_copy")
-        source = self._path("output.ipynb")
+        source = self._path(OUTPUT_NOTEBOOK)
         if not relative or not os.path.exists(source):
             return
         target = os.path.join(str(self.config.get("cwd") or os.getcwd()), str(relative))
         try:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             with open(source, encoding="utf-8") as fh:
-                atomic_write(target, fh.read())
+                files.atomic_write_text(target, fh.read())
         except OSError as exc:  # evidence first: a failed copy must not lose the exit code
             self.say(f"could not copy the executed notebook to {relative}: {exc}")
 
@@ -230,14 +184,16 @@ class Launcher:
         Each step runs in its own session so a stop signal or its timeout ends everything it
         started (a pip install spawns compilers), not just the step's first process.
         """
+        path, package = package_location()
+        step_env = {**env, TARGET_PATH_ENV: path, TARGET_PACKAGE_ENV: package}
         for index, step in enumerate(self.config.get("bootstrap", [])):
             argv = [str(a) for a in step["argv"]]
             timeout_s = float(step.get("timeout_s", 600))
             self.say(f"bootstrap step {index + 1}: {argv[0]} (timeout {timeout_s:.0f} s)")
             try:
-                proc = subprocess.Popen(
+                step_proc = subprocess.Popen(
                     argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=env, cwd=cwd, start_new_session=True, close_fds=True,
+                    env=step_env, cwd=cwd, start_new_session=True, close_fds=True,
                 )  # fmt: skip
             except OSError as exc:
                 self.say(f"bootstrap step {index + 1} could not start: {exc}")
@@ -246,10 +202,10 @@ class Launcher:
             code = None
             while code is None:
                 try:
-                    code = proc.wait(timeout=POLL_S)
+                    code = step_proc.wait(timeout=POLL_S)
                 except subprocess.TimeoutExpired:
                     if self.stop_signal is not None or time.monotonic() > deadline:
-                        self.terminate(proc)
+                        self.terminate(step_proc)
                         code = TIMEOUT_EXIT_CODE if self.stop_signal is None else -1
             if code != 0:
                 self.say(f"bootstrap step {index + 1} failed with exit code {code}")
@@ -260,8 +216,8 @@ class Launcher:
         """The papermill command line (versa_spec §8.5); secrets never appear in it."""
         argv = [
             sys.executable, "-m", "papermill",
-            self._path("input.ipynb"), self._path("output.ipynb"),
-            "-f", self._path("params.yaml"), "--cwd", cwd,
+            self._path(INPUT_NOTEBOOK), self._path(OUTPUT_NOTEBOOK),
+            "-f", self._path(PARAMS_FILE), "--cwd", cwd,
             "-k", str(self.config.get("kernel_name", "python3")),
             "--log-output", "--no-progress-bar",
             "--autosave-cell-every", str(AUTOSAVE_CELL_EVERY_S),
@@ -270,45 +226,45 @@ class Launcher:
             argv += ["--execution-timeout", str(int(float(self.config["execution_timeout_s"])))]
         return argv
 
-    def supervise(self, proc: subprocess.Popen[bytes]) -> tuple[str, int]:
+    def supervise(self, papermill: subprocess.Popen[bytes]) -> tuple[str, int]:
         """Wait for papermill, heartbeating; on a stop signal or deadline end its whole tree."""
         job_timeout_s = self.config.get("job_timeout_s")
         deadline = time.monotonic() + float(job_timeout_s) if job_timeout_s else None
         next_beat = time.monotonic() + self.heartbeat_interval_s
         while True:
             try:
-                code = proc.wait(timeout=POLL_S)
+                code = papermill.wait(timeout=POLL_S)
                 return ("succeeded", 0) if code == 0 else ("failed", code)
             except subprocess.TimeoutExpired:
                 pass
             if self.stop_signal is not None:
                 self.say(f"received signal {self.stop_signal}; ending the job's process tree")
-                self.terminate(proc)
+                self.terminate(papermill)
                 return "killed", SIGNAL_EXIT_BASE + self.stop_signal
             if deadline is not None and time.monotonic() > deadline:
                 self.say(f"job ran past job_timeout_s={job_timeout_s}; ending it")
-                self.terminate(proc)
+                self.terminate(papermill)
                 return "timeout", TIMEOUT_EXIT_CODE
             if time.monotonic() >= next_beat:
                 self.touch_heartbeat()
                 next_beat = time.monotonic() + self.heartbeat_interval_s
 
-    def terminate(self, proc: subprocess.Popen[bytes]) -> None:
+    def terminate(self, papermill: subprocess.Popen[bytes]) -> None:
         """SIGTERM papermill's group and all its descendants, SIGKILL what is left after grace."""
         own_pgid = os.getpgid(0)
-        tree = descendants(os.getpid())
-        signal_tree(tree, signal.SIGTERM, own_pgid)
+        tree = proc.descendants(os.getpid())
+        _signal_tree(tree, signal.SIGTERM, own_pgid)
         deadline = time.monotonic() + self.kill_grace_s
         while time.monotonic() < deadline:
-            tree.update(descendants(os.getpid()))
-            alive = {pid: pgid for pid, pgid in tree.items() if proc_start_ticks(pid) is not None}
-            if proc.poll() is not None and not alive:
+            tree.update(proc.descendants(os.getpid()))
+            alive = {pid: pgid for pid, pgid in tree.items() if proc.start_ticks(pid) is not None}
+            if papermill.poll() is not None and not alive:
                 break
             time.sleep(POLL_S)
-        tree.update(descendants(os.getpid()))
-        signal_tree(tree, signal.SIGKILL, own_pgid)
+        tree.update(proc.descendants(os.getpid()))
+        _signal_tree(tree, signal.SIGKILL, own_pgid)
         try:
-            proc.wait(timeout=self.kill_grace_s)
+            papermill.wait(timeout=self.kill_grace_s)
         except subprocess.TimeoutExpired:
             self.say("papermill did not exit after SIGKILL")
 
@@ -320,7 +276,7 @@ class Launcher:
         cwd = str(self.config.get("cwd") or os.getcwd())
         self.write_status(
             state="running", started_at=utc_now(), pid=os.getpid(), pgid=os.getpgid(0),
-            pid_start_ticks=proc_start_ticks(os.getpid()), host=socket.gethostname(),
+            pid_start_ticks=proc.start_ticks(os.getpid()), host=socket.gethostname(),
             heartbeat_interval_s=self.heartbeat_interval_s, job_cwd=cwd,
         )  # fmt: skip
         self.touch_heartbeat()
@@ -333,19 +289,26 @@ class Launcher:
             return self.finish("bootstrap_failed", BOOTSTRAP_EXIT_CODE)
         argv = self.papermill_argv(cwd)
         self.say("starting papermill")
-        proc = subprocess.Popen(
+        papermill = subprocess.Popen(
             argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, cwd=cwd, start_new_session=True, close_fds=True,
         )  # fmt: skip
-        self.write_status(papermill_pid=proc.pid, papermill_start_ticks=proc_start_ticks(proc.pid))
-        state, exit_code = self.supervise(proc)
+        self.write_status(
+            papermill_pid=papermill.pid, papermill_start_ticks=proc.start_ticks(papermill.pid)
+        )
+        state, exit_code = self.supervise(papermill)
         return self.finish(state, exit_code)
+
+
+def _signal_tree(pids: dict[int, int], sig: int, own_pgid: int) -> None:
+    """Send `sig` to each process group in `pids` (never our own) and to each pid."""
+    proc.send_signal(pids, [pgid for pgid in pids.values() if pgid != own_pgid], sig)
 
 
 def main(argv: list[str]) -> int:
     """Entry point: `python launcher.py <run_dir>`."""
     if len(argv) != 2:
-        sys.stderr.write("usage: python launcher.py <run_dir>\n")
+        sys.stderr.write("usage: python launcher.pyz <run_dir>\n")
         return 2
     launcher = Launcher(argv[1])
     try:

@@ -1,7 +1,7 @@
 """The SSH target: any host reachable with OpenSSH, driven through paramiko.
 
 Transport only (see `backends.base`); where the host is and whether to trust its key is
-`backends.ssh_target`. Files move over SFTP: uploads go to `<name>.<hex>.part`, are checked by
+`backends.ssh.target`. Files move over SFTP: uploads go to `<name>.<hex>.part`, are checked by
 sha256 (small files read back over SFTP, larger ones hashed by a snippet on the host: OpenSSH
 has no SFTP `check-file` extension, orchestration_anchors §5.2), then renamed with
 `posix-rename@openssh.com`; downloads seek to the resume offset and prefetch from there.
@@ -25,12 +25,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 import paramiko
 
-from versa_runner.backends.base import SENTINEL, ProgressFn, RemoteStat
-from versa_runner.backends.ssh_target import (
+from versa_runner.backends.base import ProgressFn, RemoteStat, call_target
+from versa_runner.backends.ssh.target import (
     AUTH_HINT,
     UNKNOWN_HOST_HINT,
     SshTarget,
@@ -49,11 +49,15 @@ from versa_runner.errors import (
 )
 from versa_runner.fsutil import CHUNK_BYTES
 
+if TYPE_CHECKING:
+    from versa_runner.backends import TargetOptions
+
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 DEFAULT_REMOTE_ROOT = "~/versa_work"
 DEFAULT_PYTHON = "python3"
+PASSPHRASE_ENV = "VERSA_SSH_PASSPHRASE"
 HASH_TIMEOUT_S = 600.0
 READ_BACK_MAX_BYTES = 1 << 20  # uploads up to this size are verified by reading them back
 EXEC_POLL_S = 0.01
@@ -307,16 +311,8 @@ class SshBackend:
         return self._remote_sha256(full_path)
 
     def _remote_sha256(self, full_path: str) -> str:
-        code = (
-            "import hashlib\nh = hashlib.sha256()\n"
-            f"with open({full_path!r}, 'rb') as f:\n"
-            "    for blk in iter(lambda: f.read(1 << 20), b''):\n        h.update(blk)\n"
-            f"print({SENTINEL!r} + h.hexdigest())"
-        )
-        for line in self.run_python(code, timeout_s=HASH_TIMEOUT_S).splitlines():
-            if line.startswith(SENTINEL):
-                return line[len(SENTINEL) :].strip()
-        raise TargetError(f"sha256 snippet on {self.describe()} printed no reply")
+        return str(call_target(self, "fileops.sha256", {"root": "/", "path": full_path},
+                               timeout_s=HASH_TIMEOUT_S))  # fmt: skip
 
     @contextmanager
     def _boundary(self, what: str) -> Iterator[None]:
@@ -375,4 +371,28 @@ def _collect(channel: paramiko.Channel, timeout_s: float) -> tuple[bytes, bytes]
         time.sleep(EXEC_POLL_S)
 
 
-__all__ = ["DEFAULT_REMOTE_ROOT", "SshBackend", "SshTarget", "parse_ssh_spec"]
+def from_options(options: TargetOptions, *, root: str | None = None) -> SshBackend:
+    """The SSH target of `options.ssh` (from --ssh, or a journaled run's `ssh:user@host:port`)."""
+    user, host, port = parse_ssh_spec(options.ssh or "", port=options.ssh_port)
+    key = Path(options.ssh_key).expanduser() if options.ssh_key else None
+    if key is not None and not key.is_file():
+        raise UsageError(f"--ssh-key: {key} is not a file")
+    passphrase = options.environ.get(PASSPHRASE_ENV) or None
+    if passphrase:
+        options.on_secret(passphrase)
+    target = SshTarget(host=host, user=user, port=port, key_file=key, passphrase=passphrase,
+                       accept_new=options.ssh_accept_new)  # fmt: skip
+    return SshBackend(target, root=root, python=options.ssh_python or DEFAULT_PYTHON,
+                      remote_root=options.remote_root or DEFAULT_REMOTE_ROOT)  # fmt: skip
+
+
+BACKEND_CLASS = SshBackend
+
+__all__ = [
+    "BACKEND_CLASS",
+    "from_options",
+    "DEFAULT_REMOTE_ROOT",
+    "SshBackend",
+    "SshTarget",
+    "parse_ssh_spec",
+]

@@ -1,7 +1,7 @@
 """Target bootstrap profiles: what the launcher installs and sets before papermill starts.
 
 A profile turns into three `launch.json` entries the launcher already understands (see
-`versa_runner.launcher`): `env`, `pythonpath` and `bootstrap` steps (`{argv, timeout_s}`, each
+`versa_runner.target.launcher`): `env`, `pythonpath` and `bootstrap` steps (`{argv, timeout_s}`, each
 run with its own timeout, output into `run.log`; the first failure ends the run as
 `bootstrap_failed` with exit code 5).
 
@@ -24,12 +24,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from versa_runner.errors import UsageError
+from versa_runner.target.launcher import TARGET_PACKAGE_ENV, TARGET_PATH_ENV
 
 KAGGLE_ROOT = "/kaggle/working"
 KAGGLE_SCRATCH = "/tmp/versa_scratch"  # outside /kaggle/working: its quota is ~20 GB (§4.1)
 PROFILES = ("auto", "none", "kaggle")
 BOOTSTRAP_STEP_TIMEOUT_S = 1800.0  # pip installing transformers + deps on a cold session
 STEP_NAME = "ensure-packages"
+# The step runs `target.packages` from the launcher's own copy of the target package, which the
+# launcher names in two environment variables (`target.launcher.TARGET_PATH_ENV`, ...).
+ENSURE_PACKAGES_BOOT = (
+    "import importlib, os, sys; "
+    f"sys.path.insert(0, os.environ[{TARGET_PATH_ENV!r}]); "
+    f"sys.exit(importlib.import_module(os.environ[{TARGET_PACKAGE_ENV!r}] + '.packages')"
+    ".main(sys.argv[1:]))"
+)
 
 # import name -> pip requirement. Every task needs papermill's stack; the GPU side adds more.
 RUNNER_REQUIREMENTS: Mapping[str, str] = {
@@ -143,44 +152,10 @@ def plan_bootstrap(
     }
     step = {
         "name": STEP_NAME,
-        "argv": [python, "-c", ENSURE_PACKAGES, json.dumps(args, sort_keys=True)],
+        "argv": [python, "-c", ENSURE_PACKAGES_BOOT, json.dumps(args, sort_keys=True)],
         "timeout_s": BOOTSTRAP_STEP_TIMEOUT_S,
     }
     return BootstrapPlan(profile=chosen, env=env, pythonpath=[deps_dir], steps=[step])
-
-
-# Runs on the target as a bootstrap step (stdlib only; arguments as one JSON argv item, no
-# secrets). Exit 0 when every module imports afterwards, 1 otherwise; pip's output goes to run.log.
-ENSURE_PACKAGES = r"""
-import importlib, importlib.util, json, os, subprocess, sys, sysconfig
-args = json.loads(sys.argv[1])
-say = lambda text: print("[versa-bootstrap] " + text, flush=True)
-for path in args["make_dirs"]:
-    os.makedirs(path, exist_ok=True)
-deps = args["deps_dir"]
-if deps not in sys.path:
-    sys.path.insert(0, deps)
-missing = [(mod, req) for mod, req in args["requirements"] if importlib.util.find_spec(mod) is None]
-if not missing:
-    say("all %d required modules import; nothing to install" % len(args["requirements"]))
-    sys.exit(0)
-site = sysconfig.get_paths()["purelib"]
-use_target = args["always_target"] or not os.access(site, os.W_OK)
-cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
-cmd += ["--target", deps] if use_target else []
-cmd += args["pip_args"] + [req for _, req in missing]
-say("installing %s into %s" % (", ".join(m for m, _ in missing), deps if use_target else site))
-code = subprocess.call(cmd, stdin=subprocess.DEVNULL)
-if code != 0:
-    say("pip failed with exit code %d" % code)
-    sys.exit(1)
-importlib.invalidate_caches()
-still = [mod for mod, _ in missing if importlib.util.find_spec(mod) is None]
-if still:
-    say("still not importable after install: " + ", ".join(still))
-    sys.exit(1)
-say("installed " + ", ".join(m for m, _ in missing))
-"""
 
 
 __all__ = [

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from versa_runner.summarize import PairRow, PairSummary
+    from versa_runner.parity.summarize import PairRow, PairSummary
 
 log = logging.getLogger(__name__)
 

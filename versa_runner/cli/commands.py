@@ -1,0 +1,254 @@
+"""The verbs: each turns parsed options into calls of `versa_runner.runs` and lines of
+`Output`. Expected failures raise `VersaRunError`; `cli.main` turns them into exit statuses."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from versa_runner import tasks
+from versa_runner.backends.base import Backend
+from versa_runner.backends.local import LocalBackend
+from versa_runner.cli.context import Context
+from versa_runner.errors import (
+    BootstrapError,
+    JobFailedError,
+    PreflightError,
+    RunStateError,
+    UsageError,
+)
+from versa_runner.runs import journal, lifecycle, logs, sync
+from versa_runner.runs.journal import RunRecord
+from versa_runner.runs.prepare import remote_prepare
+from versa_runner.runs.secrets import collect_job_environment
+from versa_runner.runs.status import RunState, RunStatus, read_status
+
+INTERRUPTED_EXIT = 130  # what a shell reports for Ctrl-C
+
+
+def _outcome(record: RunRecord, status: RunStatus) -> int:
+    """Turn a terminal status into the command's exit status (raising for failures)."""
+    logs_hint = f"`versa-run logs {record.run_id} --tail 60` shows the error."
+    if status.state is RunState.SUCCEEDED:
+        return 0
+    if status.state is RunState.BOOTSTRAP_FAILED:
+        raise BootstrapError(f"run {record.run_id}: bootstrap failed")
+    if status.state in (RunState.STALE, RunState.LOST):
+        raise RunStateError(f"run {record.run_id} is {status.state.value}", hint=logs_hint)
+    code = status.exit_code if status.exit_code else 1
+    raise JobFailedError(f"run {record.run_id} {status.state.value} (exit code {code})",
+                         job_exit_code=code, hint=logs_hint)  # fmt: skip
+
+
+def cmd_submit(ctx: Context) -> int:
+    """Validate, stage and launch a task or notebook; detach, or follow to the end."""
+    a = ctx.args
+    if a.help:
+        ctx.out.text(tasks.task_help(tasks.get_task(a.task)) if a.task else a.help_text())
+        return 0
+    if bool(a.task) == bool(a.notebook):
+        raise UsageError("submit needs exactly one of --task TASK or --notebook PATH",
+                         hint=f"known tasks: {', '.join(tasks.TASKS)}")  # fmt: skip
+    if a.task:
+        task = tasks.get_task(a.task)
+        params = tasks.parse_task_args(task, a.extra)
+        notebook = task.notebook_path()
+        if not notebook.exists():
+            raise UsageError(f"task {task.name}: its notebook {notebook} does not exist yet",
+                             hint="This task's notebook has not been written; pick another task.")  # fmt: skip
+        task_name = task.name
+    else:
+        if a.extra:
+            raise UsageError(f"unknown flag {a.extra[0]!r} for --notebook runs (use -p NAME VALUE)")
+        notebook = Path(a.notebook).resolve()
+        if not notebook.exists():
+            raise UsageError(f"--notebook: {notebook} does not exist")
+        params = {name: yaml.safe_load(value) for name, value in a.param}
+        task_name = notebook.stem
+    job_env = collect_job_environment(secret_names=a.secret, env_pairs=a.env, environ=os.environ)
+    for value in job_env.secrets.values():
+        ctx.out.redact.add(value)
+    settings = lifecycle.Settings.from_env(dict(os.environ), kernel_name=a.kernel_name,
+                                           execution_timeout_s=a.execution_timeout)  # fmt: skip
+    with ctx.target_backend() as backend:
+        record = lifecycle.submit(
+            backend, task=task_name, notebook_path=notebook, params=params, job_env=job_env,
+            settings=settings, save=lambda r: journal.save_record(ctx.output_dir, r),
+            prepare=remote_prepare(backend, task_name, a.profile, ctx.out.transfer),
+        )  # fmt: skip
+        ctx.out.submitted(record, detached=not a.no_detach)
+        if a.no_detach:
+            status = _follow(ctx, backend, record, offset=0)
+            if status is None:
+                return INTERRUPTED_EXIT
+            ctx.out.synced(sync.sync_run(backend, record, ctx.output_dir))
+            ctx.out.status(record, status)
+            return _outcome(record, status)
+    return 0
+
+
+def _follow(ctx: Context, backend: Backend, record: RunRecord, *, offset: int) -> RunStatus | None:
+    """Stream the log to the end of the run; None when the user pressed Ctrl-C (job untouched)."""
+
+    def keep_offset(new_offset: int) -> None:
+        # Journaled as it advances, so a follower that is killed (or re-attached through a new
+        # proxy URL) is resumed by the next `logs --follow` from here (versa_spec §8.6).
+        record.log_offset = new_offset
+        journal.save_record(ctx.output_dir, record)
+
+    try:
+        status = logs.follow(
+            backend, record, emit=ctx.out.log_text, offset=offset, on_offset=keep_offset
+        )
+    except KeyboardInterrupt:
+        journal.save_record(ctx.output_dir, record)
+        ctx.out.interrupted(record.run_id)
+        return None
+    ctx.remember(record, status)
+    return status
+
+
+def cmd_status(ctx: Context) -> int:
+    """Show one run's derived state, exit code and progress."""
+    record = ctx.record(ctx.args.run)
+    with ctx.backend_for(record) as backend:
+        status = read_status(backend, record)
+    ctx.remember(record, status)
+    ctx.out.status(record, status)
+    return 0
+
+
+def cmd_logs(ctx: Context) -> int:
+    """Print run.log (whole, --tail N lines, and/or --follow until the run ends)."""
+    a = ctx.args
+    record = ctx.record(a.run)
+    with ctx.backend_for(record) as backend:
+        offset = 0
+        if a.tail is not None:
+            if a.tail < 0:
+                raise UsageError(f"--tail: expected a non-negative number of lines, got {a.tail}")
+            text, offset = logs.tail_lines(backend, record, a.tail)
+            ctx.out.log_text(text)
+        elif a.follow and record.log_offset and not read_status(backend, record).state.is_terminal:
+            offset = record.log_offset
+            ctx.out.info(
+                f"resuming the log at byte {offset}, where the last follower stopped "
+                "(--tail N shows earlier lines)"
+            )
+        if a.follow:
+            return (
+                0 if _follow(ctx, backend, record, offset=offset) is not None else INTERRUPTED_EXIT
+            )
+        if a.tail is None:
+            reader = logs.LogReader(backend, record)
+            ctx.out.log_text(reader.read_new())
+    return 0
+
+
+def cmd_wait(ctx: Context) -> int:
+    """Block until the run ends; exit with its outcome (124 on --timeout)."""
+    record = ctx.record(ctx.args.run)
+    with ctx.backend_for(record) as backend:
+        status = logs.wait(backend, record, timeout_s=ctx.args.timeout)
+        ctx.remember(record, status)
+        if record.backend == "local":  # free: keeps reports/notebooks/<run>_<task>.ipynb current
+            sync.copy_executed_notebook(record, Path(record.root))
+    ctx.out.status(record, status)
+    return _outcome(record, status)
+
+
+def cmd_sync(ctx: Context) -> int:
+    """Bring the run's outputs home (only what changed, verified)."""
+    a = ctx.args
+    record = ctx.record(a.run)
+    only = [item.strip() for item in a.only.split(",") if item.strip()]
+    allowed = set(sync.OUTPUT_DIRS) | set(sync.RUN_FILES)
+    for item in only:
+        if item not in allowed:
+            raise UsageError(
+                f"--only: unknown item {item!r}; allowed: {', '.join(sorted(allowed))}"
+            )
+    if a.watch is not None and a.watch <= 0:
+        raise UsageError(f"--watch: expected minutes > 0, got {a.watch:g}")
+    dest = Path(a.dest).resolve() if a.dest else ctx.output_dir
+    with ctx.backend_for(record) as backend:
+        ctx.out.synced(sync.sync_run(backend, record, dest, only=only))
+        if a.watch is None:
+            return 0
+        return _watch_sync(ctx, backend, record, dest, only=only, every_s=a.watch * 60)
+
+
+def _watch_sync(
+    ctx: Context, backend: Backend, record: RunRecord, dest: Path, *, only: list[str],
+    every_s: float,
+) -> int:  # fmt: skip
+    """Re-sync until the run is terminal, then once more (its last files land just before)."""
+    try:
+        while not read_status(backend, record).state.is_terminal:
+            ctx.out.info(f"watching {record.run_id}: next sync in {every_s:g} s (Ctrl-C stops "
+                         "watching, not the job)")  # fmt: skip
+            time.sleep(every_s)
+            ctx.out.synced(sync.sync_run(backend, record, dest, only=only))
+    except KeyboardInterrupt:
+        ctx.out.interrupted(record.run_id)
+        return INTERRUPTED_EXIT
+    ctx.out.synced(sync.sync_run(backend, record, dest, only=only))
+    return 0
+
+
+def cmd_kill(ctx: Context) -> int:
+    """End the run's process group (SIGTERM, grace, SIGKILL); records `killed`."""
+    a = ctx.args
+    if a.grace < 0:
+        raise UsageError(f"--grace: expected seconds >= 0, got {a.grace:g}")
+    record = ctx.record(a.run)
+    prompt = f"kill run {record.run_id} ({record.task})? [y/N] "
+    confirmed = a.yes or not sys.stdin.isatty() or input(prompt).strip().lower() in ("y", "yes")
+    if not confirmed:
+        return 0
+    with ctx.backend_for(record) as backend:
+        status = lifecycle.kill(backend, record, grace_s=a.grace)
+    ctx.remember(record, status)
+    ctx.out.status(record, status)
+    return 0
+
+
+def cmd_list(ctx: Context) -> int:
+    """List journal runs, newest first (local runs refreshed)."""
+    records = journal.list_records(ctx.output_dir)
+    for record in records:  # local runs are cheap to refresh; remote ones show the last seen state
+        if record.backend == "local" and not record.last_status.get("exit_code") == 0:
+            with LocalBackend(record.root) as backend:
+                ctx.remember(record, read_status(backend, record))
+    ctx.out.run_list(records)
+    return 0
+
+
+def cmd_doctor(ctx: Context) -> int:
+    """Check the target (python, papermill, disk, GPUs) without starting a run."""
+    with ctx.target_backend() as backend:
+        if backend.name == "jupyter":  # per-check report: reachable, auth, kernel, python, ...
+            return _jupyter_doctor(ctx, backend)
+        info = lifecycle.preflight(
+            backend, min_free_gb=lifecycle.Settings.from_env(dict(os.environ)).min_free_gb
+        )
+        ctx.out.mapping(f"target {backend.describe()}: ok", info)
+    return 0
+
+
+def _jupyter_doctor(ctx: Context, backend: Backend) -> int:
+    jupyter = importlib.import_module("versa_runner.backends.jupyter.doctor")
+    min_free_gb = lifecycle.Settings.from_env(dict(os.environ)).min_free_gb
+    checks = jupyter.doctor(backend, min_free_gb=min_free_gb)
+    values = {c.name: f"{'ok' if c.ok else 'FAILED'}: {c.detail}" for c in checks}
+    ctx.out.mapping(f"target {backend.describe()}", values)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise PreflightError(f"doctor: {failed[0].name} check failed",
+                             hint="The line above says what was seen; fix it and rerun doctor.")  # fmt: skip
+    return 0
