@@ -4,10 +4,11 @@ For each calibration seed the calibration rows are sampled (``packs.load_packs``
 Harmony conversations about sources the model never trained on, and profiled once
 (``profile.profile_experts``); every method is a ranking key of that one profile
 (``scoring.SCORE_KEYS``), allocated by ``allocation`` exactly as ``build_pruned`` does
-(``check_feasible`` -> ``budget_keep_counts`` on the key's own score mass -> ``select_experts``).
+(``check_feasible`` -> ``budget_keep_counts`` on the routing counts -> ``select_experts`` by the
+key).
 Each kept set is evaluated by ``eaft.collect_blocks`` with the forward's router mask (equal to
 slicing the experts out, tests/test_eaftreap_rewrite.py) on evaluation blocks cut from *other*
-held-out sources, and compared with the unpruned model by ``versa_runner.summarize.compare_runs``
+held-out sources, and compared with the unpruned model by ``versa_runner.parity.summarize.compare_runs``
 under the near-lossless-v1 gate (primary seq = the block length).
 
 Methods: eaft-reap = ``eaft_gate_norm_sum`` (the build's default); reap = ``saliency_mean``
@@ -16,7 +17,7 @@ Methods: eaft-reap = ``eaft_gate_norm_sum`` (the build's default); reap = ``sali
 seed) with EAFT-REAP's per-layer counts. Spread = min..max over the calibration seeds; a method
 "clearly" beats another when its worst seed is better than the other's best seed.
 
-    python benchmarks/bench_quality.py --model tiny              # CPU, ~3 min on one core
+    python benchmarks/bench_quality.py --model tiny              # CPU, ~1 min on one core
     python benchmarks/bench_quality.py --model testbed --device cuda
 """
 
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 from versa_kernels.eaftreap.scoring import EaftWeights
-from versa_kernels.signals import W_UNCERTAIN
+from versa_kernels.signals import W_GOOD, W_UNCERTAIN
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -54,21 +55,23 @@ METHODS = {
     "ean": "norm_mean",
     "random": None,
 }
-# Candidate improvements: "<ranking key>" or "<ranking key>|<budget mass key>|<budget rule>",
-# rule neff (allocation.budget_keep_counts, the build's) or share (allocation.share_keep_counts);
-# a suffix "@<w>" profiles with EAFT weight w for uncertain tokens instead of 0.25.
+# Candidates: "<ranking key>" or "<ranking key>|<budget mass key>|<budget rule>" (rule neff =
+# allocation.budget_keep_counts, share = allocation.share_keep_counts; the build budgets by the
+# neff of ``count``); a suffix "@<u>" or "@<g>,<u>" profiles with EAFT weights g for good and u
+# for uncertain tokens instead of 1.0 and 0.25 (confident conflicts keep -2.0).
 EXTRA_METHODS = {
+    "reap-total": "gate_norm_sum",  # REAP mass, not its per-token mean: EAFT-REAP unweighted
+    "eaft-reap-u1": "eaft_gate_norm_sum@1.0",  # EAFT-REAP, uncertain tokens at full weight
+    "eaft-reap-hard": "eaft_gate_norm_sum@0.25,1.0",  # good tokens down-weighted instead
     "eaft-reap-mean": "eaft_saliency_mean",  # per-hit mean of the EAFT-weighted score
-    "reap-total": "gate_norm_sum",  # REAP mass, not its per-token mean
+    # The per-layer budgets before this benchmark: the neff of the ranking key's own mass.
+    "eaft-reap/score-neff": "eaft_gate_norm_sum|eaft_gate_norm_sum|neff",
+    "reap-total/score-neff": "gate_norm_sum|gate_norm_sum|neff",
+    # DiEP-style: one global ranking of each expert's share of its layer's mass.
     "eaft-reap/share": "eaft_gate_norm_sum|eaft_gate_norm_sum|share",
-    "eaft-reap/count-neff": "eaft_gate_norm_sum|count|neff",
     "eaft-reap/count-share": "eaft_gate_norm_sum|count|share",
-    "frequency/share": "count|count|share",
-    "eaft-reap/reap-neff": "eaft_gate_norm_sum|gate_norm_sum|neff",
-    "reap-total/count-neff": "gate_norm_sum|count|neff",
-    "eaft-reap-u1": "eaft_gate_norm_sum@1.0",
-    "eaft-reap-u1/count-neff": "eaft_gate_norm_sum|count|neff@1.0",
 }
+BUDGET_KEY = "count"  # what eaftreap.recut budgets per-layer keeps by
 KEEP_FRACS = (0.875, 0.75, 0.625, 0.5)
 LAYOUTS = ("uniform", "per-layer")
 # Per model: calibration rows, evaluation blocks, block length (= the training length).
@@ -133,7 +136,7 @@ class Evaluator:
     def __init__(self, model: Any, blocks: Any, seq: str, batch_size: int) -> None:
         from versa_kernels.eaft.stats import HistogramSpec
 
-        from versa_runner.gates import load_gates
+        from versa_runner.parity.gates import load_gates
 
         self.model, self.blocks, self.seq, self.batch_size = model, blocks, seq, batch_size
         self.spec = HistogramSpec()
@@ -155,7 +158,7 @@ class Evaluator:
         )
 
     def metrics(self, kept: list[list[int]]) -> dict[str, Any]:
-        from versa_runner.summarize import compare_runs
+        from versa_runner.parity.summarize import compare_runs
 
         key = tuple(tuple(k) for k in kept)
         if key not in self.cache:
@@ -171,7 +174,14 @@ class Evaluator:
         return self.cache[key]
 
 
-def allocate(method: str, profs: dict[float, Any], plan: Any, core: int) -> list[list[int]]:
+def class_weights(method: str) -> tuple[float, float]:
+    """(w_good, w_uncertain) a method spec profiles with (its "@" suffix, else the defaults)."""
+    suffix = method.partition("@")[2]
+    values = [float(v) for v in suffix.split(",")] if suffix else []
+    return (W_GOOD, *values) if len(values) == 1 else tuple(values) or (W_GOOD, W_UNCERTAIN)
+
+
+def allocate(method: str, profs: dict[tuple, Any], plan: Any, core: int) -> list[list[int]]:
     """Kept ids per layer for one method spec, as build_pruned allocates them (module doc)."""
     from versa_kernels.eaftreap.allocation import (
         budget_keep_counts,
@@ -180,11 +190,11 @@ def allocate(method: str, profs: dict[float, Any], plan: Any, core: int) -> list
         share_keep_counts,
     )
 
-    method, _, w_uncertain = method.partition("@")
-    prof = profs[float(w_uncertain or W_UNCERTAIN)]
+    prof = profs[class_weights(method)]
+    method = method.partition("@")[0]
     rank_key, budget_key, rule = (method.split("|") + ["", ""])[:3]
     scores = prof.acc.score(rank_key)
-    mass = np.clip(prof.acc.score(budget_key or rank_key), 0.0, None)
+    mass = np.clip(prof.acc.score(budget_key or BUDGET_KEY), 0.0, None)
     if rule == "share":
         counts = share_keep_counts(mass, plan)
     else:
@@ -237,11 +247,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         profs = {
             w: profile_experts(model, examples, num_layers=L, num_experts=E,
                                batch_size=args.batch_size, pad_id=pad_id,
-                               weights=EaftWeights(w_uncertain=w))
-            for w in sorted({float(k.partition("@")[2] or W_UNCERTAIN)
-                             for k in methods.values() if k is not None})
+                               weights=EaftWeights(w_good=w[0], w_uncertain=w[1]))
+            for w in sorted({class_weights(k) for k in methods.values() if k is not None})
         }  # fmt: skip
-        prof = profs[W_UNCERTAIN] if W_UNCERTAIN in profs else next(iter(profs.values()))
+        default = (W_GOOD, W_UNCERTAIN)
+        prof = profs[default] if default in profs else next(iter(profs.values()))
         profiles.append({"seed": seed, "scored_tokens": prof.scored_tokens,
                          "rows_sha256": sample.rows_sha256, **prof.region_counts})  # fmt: skip
         for layout in args.layouts:

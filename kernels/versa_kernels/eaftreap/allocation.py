@@ -4,9 +4,13 @@ Budget rule (per-layer layout, eaftreap_spec §4.4 made exact and usable):
 
 1. ``budget = round(keep_frac * L * E)`` (half-up), which must lie in ``[L*min_keep, L*max_keep]``.
 2. Each layer's spread is its effective number of experts ``neff_l = 1 / sum_e (m_e / s)^2``
-   (inverse Simpson of the layer's score mass ``m``; 0 mass -> E). neff is scale-free, which
-   matters because raw scores grow ~300x with depth (spec §2.4): a layer whose mass is spread
-   over many experts needs more of them kept to retain the same share.
+   (inverse Simpson of the layer's mass ``m``; 0 mass -> E). neff is scale-free, which matters
+   because raw scores grow ~300x with depth (spec §2.4): a layer whose mass is spread over many
+   experts needs more of them kept. The build passes each layer's routing counts as ``m``, not
+   its score mass: on held-out text (benchmarks/bench_quality.py) budgets from the spread of
+   routing load lost less perplexity at keep 0.75 to 0.5 than budgets from the spread of the
+   EAFT-REAP mass, which concentrates on a few experts and starved layers that route evenly.
+   ``share_keep_counts`` (DiEP-style global ranking of layer shares) measured worse than both.
 3. Real-valued targets ``t_l = clip(lam * neff_l, min_keep, max_keep)``, with ``lam`` chosen so
    they sum to the budget (water-filling), are rounded by largest remainder (ties to the lower
    layer), so the counts lie within the bounds and sum to the budget exactly.
