@@ -5,6 +5,7 @@ when A's worst seed has a lower dPPL than B's best seed (the ranges do not overl
 the table says how many seeds A won, paired by seed.
 
     python benchmarks/quality_table.py results.json     # re-print a saved run's report
+    python benchmarks/quality_table.py results.json eaft-reap,frequency   # dPPL matrix only
 """
 
 from __future__ import annotations
@@ -146,5 +147,25 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def dppl_matrix(result: dict[str, Any], methods: list[str], labels: dict[str, str]) -> str:
+    """One row per (layout, keep), one column per method: dPPL mean (min..max) over seeds."""
+    groups = grouped(result["results"])
+    cells = sorted({(k[0], k[1]) for k in groups}, key=lambda c: (c[0] != "uniform", -c[1]))
+    head = "| layout | keep | " + " | ".join(labels.get(m, m) for m in methods) + " |"
+    lines = [head, "|---|---|" + "---|" * len(methods)]
+    for layout, kf in cells:
+        row = []
+        for m in methods:
+            rows = groups.get((layout, kf, m))
+            row.append(_cell(summary(rows, "dppl"), 3) if rows else "")
+        lines.append(f"| {layout} | {kf} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    print(report(json.loads(Path(sys.argv[1]).read_text())))
+    doc = json.loads(Path(sys.argv[1]).read_text())
+    if len(sys.argv) > 2:  # a compact dPPL matrix of the named methods, "name=label" allowed
+        pairs = [m.partition("=") for m in sys.argv[2].split(",")]
+        print(dppl_matrix(doc, [m for m, _, _ in pairs], {m: lab for m, _, lab in pairs if lab}))
+    else:
+        print(report(doc))
