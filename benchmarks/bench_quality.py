@@ -78,18 +78,25 @@ LAYOUTS = ("uniform", "per-layer")
 SIZES = {"tiny": (48, 24, 256), "testbed": (128, 64, 256)}
 
 
-def held_out_rows(model_dir: Path) -> tuple[list[str], list[str], dict[str, Any]]:
+def held_out_rows(
+    model_dir: Path, calib_source: str = "held-out"
+) -> tuple[list[str], list[str], dict[str, Any]]:
     """(calibration pool, evaluation rows, provenance): conversations about held-out sources,
-    split by source so that no source gives rows to both."""
+    split by source so that no source gives rows to both. ``calib_source="trained"`` takes the
+    calibration pool from sources the model trained on instead (text it has seen, as a user's
+    calibration set may be); the evaluation rows stay the same."""
     import train_corpus
 
     log_path = model_dir / "train_log.json"
     train_log = json.loads(log_path.read_text()) if log_path.is_file() else {}
     if "held_out_rule" in train_log:  # the testbed: hash-held-out files and reference topics
-        held = [s for s in train_corpus.stdlib_sources() if train_corpus.held_out(s.name)]
+        sources = train_corpus.stdlib_sources()
+        held = [s for s in sources if train_corpus.held_out(s.name)]
+        trained = [s for s in sources if not train_corpus.held_out(s.name)]
         rule = train_log["held_out_rule"]
     else:  # the tiny model: every VAL_EVERY-th stdlib file
         held = train_corpus.tiny_held_out()
+        trained = train_corpus.tiny_trained() if calib_source == "trained" else []
         rule = "tiny: every 20th sorted stdlib file"
     trained_on = train_log.get("python")
     if trained_on and trained_on.rsplit(".", 1)[0] != platform.python_version().rsplit(".", 1)[0]:
@@ -97,11 +104,14 @@ def held_out_rows(model_dir: Path) -> tuple[list[str], list[str], dict[str, Any]
                     "(by name) still holds, but the set of sources differs", trained_on, platform.python_version())  # fmt: skip
     eval_src = [s for s in held if train_corpus.eval_side(s.name)]
     calib_src = [s for s in held if not train_corpus.eval_side(s.name)]
+    if calib_source == "trained":  # every 8th trained source, by name: a pool of similar size
+        calib_src = [s for s in trained if train_corpus.eval_side(s.name)][::8]
     # Interleave each source's conversations so blocks mix explain/source/topic rows.
     eval_rows = [c for s in eval_src for c in s.conversations]
     calib_rows = [c for s in calib_src for c in s.conversations]
     info = {
         "held_out_rule": rule,
+        "calib_source": calib_source,
         "python": platform.python_version(),
         "eval_sources": len(eval_src),
         "calib_sources": len(calib_src),
@@ -219,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.monotonic()
     model_dir = MODELS.get(args.model, Path(args.model))
-    calib_rows, eval_rows, data_info = held_out_rows(model_dir)
+    calib_rows, eval_rows, data_info = held_out_rows(model_dir, args.calib_source)
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = GptOssModel.from_checkpoint(model_dir, dtype=dtype, device=dev)
@@ -312,6 +322,8 @@ def main() -> None:
     parser.add_argument("--eval-blocks", type=int, default=0, help="0 = the model's default")
     parser.add_argument("--seq-len", type=int, default=0, help="0 = the model's default")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--calib-source", default="held-out", choices=("held-out", "trained"),
+                        help="calibration pool: held-out sources (default) or trained-on ones")  # fmt: skip
     parser.add_argument("--core", type=int, default=0, help="safety core (core_pos_top_m)")
     parser.add_argument("--out", default="", help="results JSON (default: print only)")
     parser.add_argument("--report", default="", help="markdown report path")

@@ -107,8 +107,9 @@ def report(result: dict[str, Any]) -> str:
         f"Held out from training: {d['held_out_rule']}. Evaluation: {s['eval_blocks']} blocks "
         f"of {s['seq_len']} tokens from {d['eval_sources']} held-out sources "
         f"({b['kept_tokens']} completion tokens); calibration: {s['calib_rows']} rows per seed "
-        f"sampled from {d['calib_pool_rows']} rows about {d['calib_sources']} other held-out "
-        f"sources (sources shared: {d['shared_sources']}). Seeds {s['seeds']}; safety core "
+        f"sampled from {d['calib_pool_rows']} rows about {d['calib_sources']} other "
+        f"{d.get('calib_source', 'held-out')} sources (sources shared: {d['shared_sources']}). "
+        f"Seeds {s['seeds']}; safety core "
         f"{s['core']}; keep counts not rounded to a multiple. Base PPL {b['ppl']:.4f}, "
         f"CC rate {b['cc_rate']:.4f}, mean p {b['mean_prob']:.4f}.",
         "",

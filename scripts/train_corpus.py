@@ -37,6 +37,7 @@ __all__ = [
     "stdlib_root",
     "stdlib_sources",
     "tiny_held_out",
+    "tiny_trained",
 ]
 
 
@@ -103,4 +104,15 @@ def tiny_held_out() -> list[Source]:
     return [
         Source(str(p.relative_to(root)), "", tuple(train_tiny_moe.conversations(p, root)))
         for p in train_tiny_moe.stdlib_files()[:: train_tiny_moe.VAL_EVERY]
+    ]
+
+
+def tiny_trained() -> list[Source]:
+    """The files the tiny model trained on (all but every VAL_EVERY-th), conversations only."""
+    root = stdlib_root()
+    files = train_tiny_moe.stdlib_files()
+    return [
+        Source(str(p.relative_to(root)), "", tuple(train_tiny_moe.conversations(p, root)))
+        for i, p in enumerate(files)
+        if i % train_tiny_moe.VAL_EVERY
     ]

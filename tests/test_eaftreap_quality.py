@@ -43,7 +43,7 @@ def test_eaftreap_beats_reap_frequency_and_random_beyond_the_seed_spread() -> No
     args = argparse.Namespace(
         model="tiny", device="cpu", seeds=SEEDS, keep_fracs=[0.75, 0.5], layouts=["uniform"],
         methods=["eaft-reap", "reap", "frequency", "random"], extra_methods=[],
-        calib_rows=48, eval_blocks=24, seq_len=256, batch_size=8, core=0,
+        calib_rows=48, eval_blocks=24, seq_len=256, batch_size=8, core=0, calib_source="held-out",
     )  # fmt: skip
     result = bench.run(args)
     assert result["data"]["shared_sources"] == 0
