@@ -322,12 +322,12 @@ initialisation, "shuffled" the trained model with kinds permuted (chance).
 
 Uniform load would be {1 / E:.4f}. Routing is measurably specialized by token kind: MI over twice
 the untrained init's in every layer and 60-150x chance. By domain it is not: the untrained
-init's routing already separates code from conversations (its router sees the raw token
-embeddings), and training lowered that MI in layers 1-5. The bias balancing (rate
+init's routing already separates code from conversations by more, and training lowered that MI
+in layers 1-5. The bias balancing (rate
 {tiny.BIAS_RATE} per step) had too few steps to even out the load: layers 1-5 hold experts that
 almost no validation token reaches (load min near 0). Pruning those costs nothing, which makes
-small prunes easier here than on gpt-oss-20b, whose experts are balanced; a longer run (the
-script takes ``--minutes``) would fix it.
+small prunes easier here than on gpt-oss-20b, whose experts are balanced (not tried: a longer
+run, ``--minutes``, or a larger bias rate).
 """
     atomic_write_text(out_dir / "TRAINING.md", text)
 
