@@ -131,7 +131,10 @@ def save(model: GptOssModel, out_dir: Path, tar_path: Path | None, extra: dict[s
     """MXFP4 checkpoint + tokenizer + train_log.json; then (optionally) one tar of the folder."""
     cpu = GptOssModel(model.config)
     cpu.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
-    save_mxfp4_checkpoint(cpu, out_dir, side_files_from=TOKENIZER_DIR, overwrite=True)
+    # Shards under 8 MB keep every committed file small (the repo holds no large files).
+    save_mxfp4_checkpoint(
+        cpu, out_dir, side_files_from=TOKENIZER_DIR, overwrite=True, max_shard_bytes=7_500_000
+    )
     (out_dir / "train_log.json").write_text(json.dumps(extra, indent=1))
     if tar_path is not None:
         tmp = tar_path.with_suffix(".tmp")
