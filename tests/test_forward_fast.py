@@ -9,8 +9,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import versa_kernels
 from versa_kernels.errors import ParameterError
 from versa_kernels.fixtures.model import make_tiny_checkpoint
 from versa_kernels.gptoss.attention import (
@@ -18,11 +21,13 @@ from versa_kernels.gptoss.attention import (
     sdpa_with_sinks,
     sdpa_with_sinks_flash,
 )
+from versa_kernels.gptoss.expert_math import moe_grouped, swiglu
 from versa_kernels.gptoss.experts import Mxfp4Experts
 from versa_kernels.gptoss.model import GptOssModel
 from versa_kernels.gptoss.mxfp4 import decode_mxfp4
 from versa_kernels.gptoss.mxfp4_triton import decode_mxfp4_into, triton_decode_usable
 
+TRAINED = Path(versa_kernels.__file__).parent / "data" / "tiny_moe_trained"
 FP32_ATTENTION_TOLERANCE = 1e-5  # fp32 attention outputs are O(1); kernels differ by rounding
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -104,6 +109,50 @@ def test_decode_into_buffer_equals_reference_on_cpu() -> None:
         decode_mxfp4_into(blocks, scales, torch.empty(3, 5, 32, dtype=torch.bfloat16))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the kernels natively")
+def test_triton_kernels_in_the_interpreter_equal_the_torch_references() -> None:
+    """Where Triton is installed without a GPU, its CPU interpreter runs the real kernels.
+
+    In a fresh process: TRITON_INTERPRET must be set before triton is first imported.
+    """
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+    code += "import test_forward_fast as t; t.interpreter_checks()"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def interpreter_checks() -> None:
+    """The Triton kernels against their torch references (run by the test above)."""
+    from versa_kernels.gptoss import moe_triton, mxfp4_triton
+
+    gen = torch.Generator().manual_seed(8)
+    blocks = torch.randint(0, 256, (3, 70, 2, 16), generator=gen).to(torch.uint8)
+    scales = torch.randint(100, 140, (3, 70, 2), generator=gen).to(torch.uint8)
+    out = torch.empty(3, 70, 64, dtype=torch.bfloat16)
+    mxfp4_triton._launch(blocks, scales, out)
+    ref = decode_mxfp4(blocks, scales, dtype=torch.bfloat16)
+    assert torch.equal(out.view(torch.int16), ref.view(torch.int16))  # -0 stays -0
+    S, F, E, D, T, K = 37, 40, 5, 70, 11, 3
+    h, bias = torch.randn(S, 2 * F, generator=gen) * 4, torch.randn(E, 2 * F, generator=gen)
+    expert = torch.randint(0, E, (S,), generator=gen)
+    z = moe_triton.swiglu_bias(h, bias, expert, alpha=1.702, limit=7.0)
+    torch.testing.assert_close(z, swiglu(h + bias[expert]), atol=1e-5, rtol=1e-5)
+    y, down_bias = torch.randn(T * K, D, generator=gen), torch.randn(E, D, generator=gen)
+    idx = torch.randint(0, E, (T, K), generator=gen)
+    row_of = torch.randperm(T * K, generator=gen).view(T, K)
+    gates = torch.softmax(torch.randn(T, K, generator=gen), dim=-1)
+    got, norms = moe_triton.combine(y, down_bias, idx, row_of, gates)
+    y_e = y[row_of.reshape(-1)].view(T, K, D) + down_bias[idx]  # [T, K, D]
+    torch.testing.assert_close(got, (y_e * gates[..., None]).sum(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(norms, y_e.norm(dim=-1), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.gpu
 @needs_cuda
 class TestFastPathsCuda:
@@ -132,10 +181,34 @@ class TestFastPathsCuda:
             print(f"flash bf16 vs fp32 reference, window {window}: max rel err {err:.2e}")
             assert err < 0.02
 
-    def test_cuda_mxfp4_model_equals_dense_model(self, tiny, ids) -> None:
+    def test_cuda_mxfp4_model_equals_dense_model(self, ids) -> None:
+        # The committed trained model: no tokenizer build needed on the GPU box.
         dense = GptOssModel.from_checkpoint(
-            tiny, dtype=torch.bfloat16, device="cuda", expert_format="dense"
+            TRAINED, dtype=torch.bfloat16, device="cuda", expert_format="dense"
         )
-        packed = GptOssModel.from_checkpoint(tiny, dtype=torch.bfloat16, device="cuda")
+        packed = GptOssModel.from_checkpoint(TRAINED, dtype=torch.bfloat16, device="cuda")
         assert packed.mxfp4_experts
         assert torch.equal(_logits(dense, ids.cuda()), _logits(packed, ids.cuda()))
+
+    def test_fused_moe_kernels_match_the_torch_grouped_path(self) -> None:
+        gen = torch.Generator().manual_seed(6)
+        T, E, D, F, K = 300, 8, 256, 192, 4
+        x = torch.randn(T, D, generator=gen)
+        weights = [
+            torch.randn(E, D, generator=gen) * D**-0.5, torch.randn(E, generator=gen) * 0.1,
+            torch.randn(E, 2 * F, D, generator=gen) * D**-0.5, torch.randn(E, 2 * F, generator=gen),
+            torch.randn(E, D, F, generator=gen) * F**-0.5, torch.randn(E, D, generator=gen),
+        ]  # fmt: skip
+        ref, ref_idx, _, ref_norm = moe_grouped(x, *weights, top_k=K)  # fp32 CPU
+        xb, wb = x.cuda().bfloat16(), [w.cuda().bfloat16() for w in weights]
+        with torch.inference_mode():
+            fused = moe_grouped(xb, *wb, top_k=K)
+            plain = moe_grouped(xb, *wb, top_k=K, fused=False)
+        assert torch.equal(fused[1], plain[1])  # same routing
+        scale = ref.abs().max().item()
+        for name, got in (("fused", fused), ("torch", plain)):
+            same = (got[1].cpu() == ref_idx).all(dim=1)  # tokens routed as in fp32
+            out_err = (got[0].float().cpu() - ref)[same].abs().max().item() / scale
+            norm_err = ((got[3].cpu() - ref_norm) / ref_norm)[same].abs().max().item()
+            print(f"{name} bf16 MoE vs fp32: out {out_err:.2e} of max, norms {norm_err:.2e} rel")
+            assert out_err < 0.02 and norm_err < 0.02, name

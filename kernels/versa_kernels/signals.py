@@ -107,7 +107,9 @@ def token_signals(
     p = logp.exp()
 
     k = min(entropy_top_k, vocab)
-    top = torch.topk(z, k, dim=-1).values.double()  # [N, K]
+    # On the logits as given: upcasting is exact and keeps the order, and a bf16 top-k reads
+    # half the bytes of the fp32 copy.
+    top = torch.topk(logits, k, dim=-1).values.double()  # [N, K]
     log_q = torch.log_softmax(top, dim=-1)  # [N, K], renormalized over the top-K only
     entropy = -(log_q.exp() * log_q).sum(dim=-1)  # [N], nats
     if k > 1:

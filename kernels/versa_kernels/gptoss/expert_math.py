@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from versa_kernels.gptoss.moe_triton import fused_moe_usable
+
 SWIGLU_ALPHA = 1.702
 """gpt-oss's sigmoid sharpness in `gate * sigmoid(alpha * gate)` (config `swiglu_alpha`)."""
 
@@ -150,13 +152,15 @@ def moe_grouped(
     alpha: float = SWIGLU_ALPHA,
     limit: float = SWIGLU_LIMIT,
     expert_mask: torch.Tensor | None = None,
+    fused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """MoE block, grouped by expert: each routed (token, expert) output is computed exactly once.
 
     Same arguments as `moe_reference` plus `expert_mask` [E] (True = kept; masked experts get a
     router logit of -inf, which equals removing them, reference §1.10). Differentiable.
-    On CUDA in bf16 without autograd the experts run as two grouped GEMMs
-    (`_experts_grouped_gemm`); elsewhere as a loop over experts (`_experts_loop`).
+    On CUDA in bf16 without autograd the experts run as two grouped GEMMs with the Triton
+    kernels of `moe_triton` between and after them (`fused=False`: the plain-torch grouped path,
+    `_experts_grouped_gemm`, their reference); elsewhere as a loop over experts (`_experts_loop`).
 
     Returns (out [T, D], indices [T, K], gates [T, K], y_norm [T, K]) where y_norm is the L2 norm
     of each routed expert's own output y_e in fp32.
@@ -171,6 +175,11 @@ def moe_grouped(
     flat_expert = indices.reshape(-1)  # [T*K], assignment a = t*K + k
     order = torch.argsort(flat_expert, stable=True)  # assignments grouped by expert
     token_of = order // top_k  # [T*K] token of each grouped assignment
+    if fused and _grouped_gemm_usable(x, gate_up) and fused_moe_usable(x):
+        return _moe_fused_cuda(
+            x[token_of], flat_expert[order], order, indices, gates, gate_up, gate_up_bias,
+            down, down_bias, alpha=alpha, limit=limit,
+        )  # fmt: skip
     if _grouped_gemm_usable(x, gate_up):
         grouped = _experts_grouped_gemm(
             x[token_of], flat_expert[order], gate_up, gate_up_bias, down, down_bias,
@@ -184,6 +193,35 @@ def moe_grouped(
     y = grouped[torch.argsort(order)].view(T, top_k, D)  # [T, K, D] back in token order
     out = (y * gates.unsqueeze(-1).to(y.dtype)).sum(dim=1)  # [T, D]
     return out, indices, gates, y.detach().float().norm(dim=-1)
+
+
+def _moe_fused_cuda(
+    x_sorted: torch.Tensor,
+    expert_sorted: torch.Tensor,
+    order: torch.Tensor,
+    indices: torch.Tensor,
+    gates: torch.Tensor,
+    gate_up: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down: torch.Tensor,
+    down_bias: torch.Tensor,
+    *,
+    alpha: float,
+    limit: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grouped path with fused bias + SwiGLU and a fused un-sort / norm / gate combine."""
+    from versa_kernels.gptoss.moe_triton import combine, swiglu_bias
+
+    num_experts = gate_up.shape[0]
+    counts = torch.bincount(expert_sorted, minlength=num_experts)  # [E]
+    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E]
+    h = torch._grouped_mm(x_sorted, gate_up.transpose(1, 2), offs=offs)  # [S, 2F], no bias yet
+    z = swiglu_bias(h, gate_up_bias, expert_sorted, alpha=alpha, limit=limit)  # [S, F]
+    y = torch._grouped_mm(z, down.transpose(1, 2), offs=offs)  # [S, D], no bias yet
+    row_of = torch.empty_like(order)
+    row_of[order] = torch.arange(order.numel(), device=order.device)  # sorted row of each (t, k)
+    out, norms = combine(y, down_bias, indices, row_of.view(indices.shape), gates)
+    return out, indices, gates, norms
 
 
 def _grouped_gemm_usable(x: torch.Tensor, gate_up: torch.Tensor) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 
 MAX_LISTED_NAMES = 5
 """How many missing/unexpected tensor names a load error lists."""
+
+LOAD_THREADS = 8
+"""Tensors read at once while loading."""
 
 MOE_MARKERS = (".mlp.router.", ".mlp.experts.")
 """Tensors with experts on dim 0 (sliced by pruning)."""
@@ -76,19 +80,22 @@ def load_checkpoint(
     config = checkpoint.config
     dev = torch.device(device)
     mxfp4 = resolve_expert_format(expert_format, is_mxfp4=config.is_mxfp4, device=dev)
-    tensors: dict[str, torch.Tensor] = {}
-    for name in checkpoint.names():
-        if ".mlp.experts." not in name:
-            tensors[name] = checkpoint.get(name, device=dev).to(dtype=_dtype_for(name, dtype))
-    for layer in range(config.num_hidden_layers):
-        prefix = EXPERT_PREFIX.format(layer=layer)
-        if mxfp4:
-            for key, leaf in MXFP4_CHECKPOINT_NAMES.items():
-                tensors[prefix + key] = checkpoint.get(prefix + leaf, device=dev)
-        else:
-            weights = checkpoint.get_expert_weights(layer, dtype=dtype, device=dev)
-            for key, value in weights.items():
-                tensors[prefix + key] = value
+    wanted = {n: n for n in checkpoint.names() if ".mlp.experts." not in n}  # ours -> file's
+    if mxfp4:
+        for layer in range(config.num_hidden_layers):
+            prefix = EXPERT_PREFIX.format(layer=layer)
+            wanted.update({prefix + k: prefix + v for k, v in MXFP4_CHECKPOINT_NAMES.items()})
+    # A few reads at once, so file reads and host-to-device copies of different tensors overlap.
+    with ThreadPoolExecutor(max_workers=LOAD_THREADS) as pool:
+        loaded = pool.map(lambda n: checkpoint.get(wanted[n], device=dev), list(wanted))
+        tensors = {
+            name: value.to(dtype=_dtype_for(name, dtype, value.dtype))
+            for name, value in zip(list(wanted), loaded, strict=True)
+        }
+    for layer in range(0 if mxfp4 else config.num_hidden_layers):  # dense: decode on `dev`
+        weights = checkpoint.get_expert_weights(layer, dtype=dtype, device=dev)
+        for key, value in weights.items():
+            tensors[EXPERT_PREFIX.format(layer=layer) + key] = value
     checkpoint.close()
     return from_tensors(
         cls, config, tensors, dtype=dtype, device=dev, top_k=top_k, experts_keep=experts_keep,

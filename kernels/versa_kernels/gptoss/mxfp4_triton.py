@@ -54,16 +54,16 @@ def _build_kernel() -> object:
         scale_bits = tl.where(s == 0, 1 << 22, s << 23)
         scale = scale_bits.to(tl.float32, bitcast=True)  # 2^(s - 127), exact
 
-        def fp4(code):
-            e = (code >> 1) & 3
-            m = (code & 1).to(tl.float32)
-            power = tl.where(e == 3, 4.0, tl.where(e == 2, 2.0, 1.0))  # 2^(e - 1) for e >= 1
-            mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * power)
-            return tl.where((code & 8) != 0, -mag, mag)
-
-        lo = fp4(byte & 15) * scale[:, None]  # even elements
-        hi = fp4(byte >> 4) * scale[:, None]  # odd elements
-        vals = tl.interleave(lo, hi)  # [ROWS, 32]: lo0, hi0, lo1, hi1, ...
+        # Both nibbles at once: [ROWS, 16, 2] codes, (low, high) = (even, odd) element.
+        code = tl.join(byte & 15, byte >> 4)
+        e = (code >> 1) & 3
+        m = (code & 1).to(tl.float32)
+        power = tl.where(e == 3, 4.0, tl.where(e == 2, 2.0, 1.0))  # 2^(e - 1) for e >= 1
+        mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * power)
+        # The sign goes in as a bit: negating would turn code 8 (-0) into +0 on the GPU.
+        bits = (mag * scale[:, None, None]).to(tl.int32, bitcast=True) | ((code & 8) << 28)
+        val = bits.to(tl.float32, bitcast=True)
+        vals = tl.reshape(val, (ROWS, 32))  # lo0, hi0, lo1, hi1, ...
         out_cols = tl.arange(0, 32)
         out_offs = rows[:, None].to(tl.int64) * 32 + out_cols[None, :]
         tl.store(out_ptr + out_offs, vals.to(out_ptr.dtype.element_ty), mask=in_row[:, None])
