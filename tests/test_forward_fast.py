@@ -151,6 +151,14 @@ def interpreter_checks() -> None:
     y_e = y[row_of.reshape(-1)].view(T, K, D) + down_bias[idx]  # [T, K, D]
     torch.testing.assert_close(got, (y_e * gates[..., None]).sum(1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(norms, y_e.norm(dim=-1), atol=1e-5, rtol=1e-5)
+    from versa_kernels.signals_triton import logsumexp_rows
+
+    logits = (torch.randn(6, 5000, generator=gen) * 4).bfloat16()
+    logits[1] = float("-inf")
+    logits[1, 7] = 3.0  # a row with one finite entry
+    torch.testing.assert_close(
+        logsumexp_rows(logits), torch.logsumexp(logits.float(), -1), atol=1e-5, rtol=1e-6
+    )
 
 
 @pytest.mark.gpu

@@ -264,4 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, not this __main__ copy: a rank then has one
+    # DistContext class, the one every task function and test sees.
+    from versa_kernels.distributed import main as _main
+
+    sys.exit(_main())
