@@ -20,11 +20,14 @@ What is easy to get wrong:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 DEFAULT_QUERY_CHUNK = 1024
 """Queries per attention chunk: bounds the [N, chunk, T] score tensor for long blocks."""
@@ -217,6 +220,8 @@ def sdpa_with_sinks_flash(
     """
     B, N, T, d = Q.shape
     if sliding_window is not None and sliding_window < T:
+        if Q.is_cuda and _window_flash_usable(Q.device, Q.dtype):
+            return _flash_window_with_sinks(Q, K, V, S, sm_scale=sm_scale, window=sliding_window)
         return banded_attention_with_sinks(Q, K, V, S, sm_scale=sm_scale, window=sliding_window)
     G = K.shape[1]
     k = K.repeat_interleave(N // G, dim=1)  # [B, N, T, d]
@@ -274,3 +279,57 @@ def banded_attention_with_sinks(
     out = torch.matmul(probs.to(V.dtype), v.unsqueeze(2))  # [B, G, N/G, nb, W, d]
     out = out.reshape(B, N, nb * W, d)[:, :, :T]  # [B, N, T, d]
     return out.transpose(1, 2).reshape(B, T, N * d)
+
+
+_WINDOW_FLASH_OK: dict[tuple[torch.device, torch.dtype], bool] = {}
+WINDOW_CHECK_TOLERANCE = 2e-2
+"""Max |flash - banded| / max |banded| accepted by the one-time check (bf16 rounding)."""
+
+
+def _flash_window_with_sinks(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    S: torch.Tensor,
+    *,
+    sm_scale: float,
+    window: int,
+) -> torch.Tensor:
+    """Banded layers on the CUDA flash kernel's own sliding window (keys q - window < k <= q).
+
+    Same sink correction as the full layers. Q [B, N, T, d], K/V [B, G, T, d] -> [B, T, N*d].
+    """
+    B, N, T, d = Q.shape
+    G = K.shape[1]
+    q = Q.transpose(1, 2).contiguous()  # [B, T, N, d]: the flash kernel's layout
+    k = K.repeat_interleave(N // G, dim=1).transpose(1, 2).contiguous()
+    v = V.repeat_interleave(N // G, dim=1).transpose(1, 2).contiguous()
+    out, lse = torch.ops.aten._flash_attention_forward(
+        q, k, v, None, None, T, T, 0.0, True, False, scale=sm_scale,
+        window_size_left=window - 1, window_size_right=0,
+    )[:2]  # [B, T, N, d], [B, N, T]  # fmt: skip
+    keep = torch.sigmoid(lse.float() - S.float().view(1, N, 1)).transpose(1, 2)  # [B, T, N]
+    return (out * keep.unsqueeze(-1).to(out.dtype)).reshape(B, T, N * d)
+
+
+def _window_flash_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Checked once per device and dtype against `banded_attention_with_sinks` (which stays the
+    path if the kernel is missing or disagrees)."""
+    key = (device, dtype)
+    if key not in _WINDOW_FLASH_OK:
+        ok = False
+        try:
+            gen = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(1, h, 300, 64, generator=gen) for h in (8, 2, 2))
+            q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
+            sinks = torch.randn(8, generator=gen).to(device=device, dtype=dtype)
+            ref = banded_attention_with_sinks(q, k, v, sinks, sm_scale=0.125, window=128).float()
+            got = _flash_window_with_sinks(q, k, v, sinks, sm_scale=0.125, window=128).float()
+            err = ((got - ref).abs().max() / ref.abs().max()).item()
+            ok = err < WINDOW_CHECK_TOLERANCE
+            if not ok:
+                log.warning("flash sliding window disagrees with the banded path (%.2e)", err)
+        except Exception as exc:  # an older torch without window_size_left
+            log.warning("flash sliding window unavailable (%s); using the banded path", exc)
+        _WINDOW_FLASH_OK[key] = ok
+    return _WINDOW_FLASH_OK[key]

@@ -46,7 +46,12 @@ from versa_kernels.gptoss.attention import (
 )
 from versa_kernels.gptoss.config import SLIDING, GptOssConfig
 from versa_kernels.gptoss.expert_math import moe_grouped, moe_reference
-from versa_kernels.gptoss.experts import DenseExperts, ExpertWorkspace, Mxfp4Experts
+from versa_kernels.gptoss.experts import (
+    EXPERTS_PER_DECODE,
+    DenseExperts,
+    ExpertWorkspace,
+    Mxfp4Experts,
+)
 
 FUSED_SCORE_BUDGET_BYTES = 1 << 30
 """Largest [B, N, T, T+1] score tensor the fused attention may build on CPU."""
@@ -182,7 +187,11 @@ class MoeBlock(nn.Module):
         self, x: torch.Tensor, *, top_k: int, expert_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         e = self.experts
-        gate_up, down = e.weights(self.workspace)
+        if isinstance(e, Mxfp4Experts):  # decoded by moe_grouped, a chunk of experts at a time
+            gate_up = down = None
+            chunk = EXPERTS_PER_DECODE
+        else:
+            (gate_up, down), chunk = e.weights(None), 0
         return moe_grouped(
             x,
             self.router.weight,
@@ -195,6 +204,8 @@ class MoeBlock(nn.Module):
             alpha=self.alpha,
             limit=self.limit,
             expert_mask=expert_mask,
+            weights_for=lambda a, b: e.weights(self.workspace, a, b),
+            experts_per_chunk=chunk,
         )
 
     def reference(self, x: torch.Tensor, *, top_k: int) -> torch.Tensor:
