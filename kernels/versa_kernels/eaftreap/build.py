@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from versa_kernels.distributed import DistContext
 from versa_kernels.eaftreap import outputs
 from versa_kernels.eaftreap.allocation import (
     AllocationPlan,
@@ -190,7 +191,7 @@ def build_pruned(
     run_id: str = "",
     gpus: int = 1,
     on_batch: Any = None,
-    dist: Any = None,
+    dist: DistContext | None = None,
 ) -> BuildResult | dict[str, Any]:
     """Profile, allocate, rewrite and report (module docstring); returns what was written.
 

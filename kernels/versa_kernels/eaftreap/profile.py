@@ -30,9 +30,6 @@ pass any of them is in, so every rank takes part in the same gather and reductio
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -45,13 +42,19 @@ import torch
 
 from versa_kernels.distributed import DistContext
 from versa_kernels.eaftreap.profile_onepass import OnePassAccumulator
+from versa_kernels.eaftreap.profile_state import (
+    STATE_SCHEMA_VERSION,
+    Progress,
+    Saver,
+    fingerprint,
+    load_state,
+    save_state,
+)
 from versa_kernels.eaftreap.scoring import CLASS_NAMES, EaftWeights, ExpertAccumulators
-from versa_kernels.fsio import atomic_write_bytes
 from versa_kernels.harmony import completion_mask
 
 log = logging.getLogger(__name__)
 
-STATE_SCHEMA_VERSION = 3  # 2: split-half accumulators, tensors only; 3: one-pass method
 LOGIT_CHUNK_TOKENS = 1024  # bounds the [N, V] logits block (1024 x 201088 x 4 B ~ 0.8 GB)
 METHODS = ("one_pass", "two_pass")
 
@@ -143,104 +146,11 @@ def _targets(ids: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     return ids.reshape(-1)[flat + 1] if len(flat) else flat  # [N] next token of each position
 
 
-def fingerprint(examples: Sequence[CalibExample], **settings: Any) -> str:
-    """sha256 over the tokenized inputs and every setting that changes the result."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    for ex in examples:
-        digest.update(ex.input_ids.numpy().astype(np.int64).tobytes())
-        digest.update(b"|")
-        digest.update(ex.positions.numpy().astype(np.int64).tobytes())
-        digest.update(b"#")
-    return digest.hexdigest()
-
-
-def _to_tensors(obj: Any) -> Any:
-    """numpy arrays -> tensors, recursively, so the state loads with ``weights_only=True``."""
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj)
-    if isinstance(obj, dict):
-        return {k: _to_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_tensors(v) for v in obj]
-    return obj
-
-
-def _to_arrays(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.numpy()
-    if isinstance(obj, dict):
-        return {k: _to_arrays(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_arrays(v) for v in obj]
-    return obj
-
-
-def _save_state(path: Path | None, state: dict[str, Any]) -> None:
-    if path is None:
-        return
-    buf = io.BytesIO()
-    torch.save(_to_tensors(state), buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _load_state(path: Path | None, fp: str) -> dict[str, Any] | None:
-    if path is None or not path.is_file():
-        return None
-    # weights_only: a state file synced from elsewhere must not be able to run code on load.
-    try:
-        state = _to_arrays(torch.load(path, weights_only=True))
-    except Exception as exc:  # torch raises several types for foreign or truncated files
-        log.warning(
-            "ignoring unreadable profile state %s (%s); profiling from the start", path, exc
-        )
-        return None
-    if state.get("schema_version") != STATE_SCHEMA_VERSION or state.get("fingerprint") != fp:
-        log.warning("ignoring profile state %s: it belongs to different inputs", path)
-        return None
-    return state
-
-
 def model_device(model: Any) -> torch.device:
     try:
         return next(model.parameters()).device
     except (AttributeError, StopIteration):
         return torch.device("cpu")
-
-
-class _Saver:
-    """Writes the state when due: every ``every_s`` seconds or ``every_batches`` batches."""
-
-    def __init__(self, path: Path | None, every_batches: int, every_s: float) -> None:
-        self.path, self.every_batches, self.every_s = path, every_batches, every_s
-        self.last_t, self.last_batch = time.monotonic(), -1
-
-    def maybe(self, state: dict[str, Any], total: int, *, force: bool = False) -> None:
-        by_count = self.every_batches > 0 and state["done"] - self.last_batch >= self.every_batches
-        by_time = time.monotonic() - self.last_t >= self.every_s
-        if force or state["done"] == total or by_count or by_time:
-            _save_state(self.path, state)
-            self.last_t, self.last_batch = time.monotonic(), state["done"]
-
-
-class _Progress:
-    """Log lines with rate and ETA (the target has no progress bar, only the run log)."""
-
-    def __init__(self, pass_no: int, total: int, done: int, passes: int = 2) -> None:
-        self.pass_no, self.total, self.start_done, self.passes = pass_no, total, done, passes
-        self.t0, self.tokens = time.monotonic(), 0
-        self.every = max(1, total // 20)
-
-    def step(self, done: int, tokens: int) -> None:
-        self.tokens += tokens
-        if done % self.every and done != self.total:
-            return
-        elapsed = max(time.monotonic() - self.t0, 1e-9)
-        rate = (done - self.start_done) / elapsed
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        log.info(
-            "profile pass %d/%d: batch %d/%d, %.0f tok/s, ETA %.0f s",
-            self.pass_no, self.passes, done, self.total, self.tokens / elapsed, eta,
-        )  # fmt: skip
 
 
 @dataclass
@@ -251,7 +161,7 @@ class _Run:
     pad_id: int
     weights: EaftWeights
     entropy_top_k: int
-    saver: _Saver
+    saver: Saver
     on_batch: Callable[[int, int, int], None] | None
     dist: DistContext | None
 
@@ -288,7 +198,7 @@ def _signals_pass(model: Any, batches: list, state: dict, run: _Run) -> None:
 
     With ranks, ``state["p"]`` holds this rank's batches only, in order (r, r+N, ...).
     """
-    progress = _Progress(1, len(batches), state["done"])
+    progress = Progress(1, len(batches), state["done"])
     for i in range(state["done"], len(batches)):
         if run.skip(i):
             continue
@@ -315,7 +225,7 @@ def _accumulate_pass(
     # the ranking (spec §11.1 #1 asks for it; the original ranked from 16k tokens unchecked).
     halves = [ExpertAccumulators.from_state(h) for h in state["halves"]]
     first_row = np.cumsum([0] + [len(b) for b in batches])
-    progress = _Progress(2, len(batches), state["done"])
+    progress = Progress(2, len(batches), state["done"])
     for i in range(state["done"], len(batches)):
         if run.skip(i):
             continue
@@ -346,7 +256,7 @@ def _accumulate_pass(
 def _one_pass(model: Any, batches: list, state: dict, run: _Run, acc: OnePassAccumulator) -> None:
     """One-pass method: one forward per batch gives the signals and the MoE traces."""
     first_row = np.cumsum([0] + [len(b) for b in batches])
-    progress = _Progress(1, len(batches), state["done"], passes=1)
+    progress = Progress(1, len(batches), state["done"], passes=1)
     for i in range(state["done"], len(batches)):
         if run.skip(i):
             continue
@@ -416,7 +326,7 @@ def profile_experts(
     if method != "two_pass":  # two-pass states keep the fingerprint they always had
         settings["method"] = method
     fp = fingerprint(examples, **settings, extra=fingerprint_extra or {})
-    state = _load_state(path, fp) or {
+    state = load_state(path, fp) or {
         "schema_version": STATE_SCHEMA_VERSION,
         "fingerprint": fp,
         "pass": 1,
@@ -448,7 +358,7 @@ def profile_experts(
         pad_id=pad_id,
         weights=weights,
         entropy_top_k=entropy_top_k,
-        saver=_Saver(path, save_every_batches, save_every_s),
+        saver=Saver(path, save_every_batches, save_every_s),
         on_batch=on_batch,
         dist=dist,
     )
@@ -475,7 +385,7 @@ def profile_experts(
     if dist is not None and dist.is_main and single_state_path is not None:
         keep = ("schema_version", "fingerprint", "summary")
         single = {**{k: state[k] for k in keep}, "pass": 3, "done": len(batches), "p": [], "h": []}
-        _save_state(Path(single_state_path), {**single, **total})
+        save_state(Path(single_state_path), {**single, **total})
     elapsed = max(time.monotonic() - started, 1e-9)
     done_now = passes * len(batches) - resumed_from
     return ProfileResult(
