@@ -17,7 +17,8 @@ if [ "$shape" = "20b" ]; then
   step cuda-tests
   (cd "$repo" && timeout 240 python3 -m pytest -q -rs -s -p no:cacheprovider tests/test_forward_fast.py \
     tests/test_forward.py tests/test_forward_trained.py tests/test_eaft_collector.py \
-    tests/test_eaftreap_scoring.py -k "Cuda or cuda or gpu or Gpu") >"$OUT/cuda_tests.log" 2>&1
+    tests/test_eaft_signals.py tests/test_eaftreap_scoring.py -k "Cuda or cuda or gpu or Gpu") \
+    >"$OUT/cuda_tests.log" 2>&1
   tail -8 "$OUT/cuda_tests.log"
 fi
 

@@ -223,6 +223,13 @@ class TestFastPathsCuda:
             )  # fmt: skip
         torch.testing.assert_close(chunked[0], fused[0], atol=1e-2, rtol=1e-2)
         torch.testing.assert_close(chunked[3], fused[3], atol=1e-2, rtol=1e-2)
+        with torch.inference_mode():  # a decode step: 2 tokens, only the hit experts decoded
+            one_by_one = moe_grouped(
+                xb[:2], wb[0], wb[1], None, wb[3], None, wb[5], top_k=K, experts_per_chunk=1,
+                weights_for=lambda a, b: (wb[2][a:b], wb[4][a:b]),
+            )  # fmt: skip
+            whole = moe_grouped(xb[:2], *wb, top_k=K)
+        torch.testing.assert_close(one_by_one[0], whole[0], atol=1e-2, rtol=1e-2)
         scale = ref.abs().max().item()
         for name, got in (("fused", fused), ("torch", plain)):
             same = (got[1].cpu() == ref_idx).all(dim=1)  # tokens routed as in fp32
@@ -230,3 +237,12 @@ class TestFastPathsCuda:
             norm_err = ((got[3].cpu() - ref_norm) / ref_norm)[same].abs().max().item()
             print(f"{name} bf16 MoE vs fp32: out {out_err:.2e} of max, norms {norm_err:.2e} rel")
             assert out_err < 0.02 and norm_err < 0.02, name
+
+
+def test_export_of_an_mxfp4_resident_model_round_trips(tiny, ids, tmp_path) -> None:
+    from versa_kernels.gptoss.export import save_mxfp4_checkpoint
+
+    packed = GptOssModel.from_checkpoint(tiny, expert_format="mxfp4")
+    out = save_mxfp4_checkpoint(packed, tmp_path / "again", dtype=torch.float32)
+    again = GptOssModel.from_checkpoint(out, expert_format="mxfp4")
+    assert torch.equal(_logits(packed, ids), _logits(again, ids))

@@ -16,12 +16,17 @@ What this forward has that the transformers one does not:
 - `router_mask` emulates pruning by masking router logits (reference §1.10: equal to slicing).
 - `top_k` override to run with a different number of experts per token.
 - Logits are never materialized as [T, V] unless asked: `iter_logit_chunks` yields slices.
+- Experts can stay in MXFP4 on the GPU (`experts.Mxfp4Experts`, the default on CUDA), decoded
+  32 at a time into one shared buffer inside the MoE; on CUDA in bf16 the MoE runs grouped GEMMs
+  with fused Triton kernels (`moe_triton`) and attention runs on the flash kernel with the exact
+  sink correction (`attention.sdpa_with_sinks_flash`). Each has its plain-torch reference.
 
 What is easy to get wrong is listed in `expert_math` (router, SwiGLU) and `attention` (sinks,
-window, YaRN). Module attribute names equal the HF checkpoint tensor names, except the experts,
-which hold dequantized weights in reference orientation under the names that
+window, YaRN). Module attribute names equal the HF checkpoint tensor names, except the experts:
+dense ones hold decoded weights in reference orientation under the names that
 `Checkpoint.get_expert_weights` returns (gate_up [E, 2F, D], gate_up_bias, down [E, D, F],
-down_bias), so loading is one loop.
+down_bias); MXFP4 ones `gate_up_blocks`, `gate_up_scales`, ... (`experts.MXFP4_CHECKPOINT_NAMES`).
+Building from a checkpoint or tensors is in `loading`.
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ from versa_kernels.gptoss.experts import (
 
 FUSED_SCORE_BUDGET_BYTES = 1 << 30
 """Largest [B, N, T, T+1] score tensor the fused attention may build on CPU."""
+
+FEW_ROWS_PER_EXPERT = 4
+"""Below this many routed rows per expert, MXFP4 experts are decoded only where hit."""
 
 __all__ = ["ForwardOutput", "GptOssModel", "MoeTrace"]
 
@@ -189,7 +197,9 @@ class MoeBlock(nn.Module):
         e = self.experts
         if isinstance(e, Mxfp4Experts):  # decoded by moe_grouped, a chunk of experts at a time
             gate_up = down = None
-            chunk = EXPERTS_PER_DECODE
+            # Few routed rows (a decode step): decode only the experts that were hit, one by one.
+            few = x.shape[0] * top_k < FEW_ROWS_PER_EXPERT * self.num_experts
+            chunk = 1 if few else EXPERTS_PER_DECODE
         else:
             (gate_up, down), chunk = e.weights(None), 0
         return moe_grouped(
