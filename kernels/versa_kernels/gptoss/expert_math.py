@@ -187,9 +187,12 @@ def moe_grouped(
     flat_expert = indices.reshape(-1)  # [T*K], assignment a = t*K + k
     order = torch.argsort(flat_expert, stable=True)  # assignments grouped by expert
     token_of = order // top_k  # [T*K] token of each grouped assignment
+    if weights_for is None:
+        if gate_up is None or down is None:
+            raise ValueError("moe_grouped needs gate_up and down, or weights_for")
+        all_gate_up, all_down = gate_up, down
+        weights_for = lambda a, b: (all_gate_up[a:b], all_down[a:b])  # noqa: E731
     if fused and _grouped_gemm_usable(x, gate_up_bias) and fused_moe_usable(x):
-        if weights_for is None:
-            weights_for = lambda a, b: (gate_up[a:b], down[a:b])  # noqa: E731
         return _moe_fused_cuda(
             x[token_of], flat_expert[order], order, indices, gates, weights_for, gate_up_bias,
             down_bias, alpha=alpha, limit=limit, chunk=experts_per_chunk or num_experts,

@@ -104,6 +104,11 @@ class DenseExperts(nn.Module):
 class Mxfp4Experts(nn.Module):
     """MXFP4 expert bytes as stored on disk; decoded per forward into an `ExpertWorkspace`."""
 
+    gate_up_blocks: torch.Tensor  # [E, 2F, D/32, 16] uint8 (buffers, registered below)
+    gate_up_scales: torch.Tensor  # [E, 2F, D/32] uint8
+    down_blocks: torch.Tensor  # [E, D, F/32, 16] uint8
+    down_scales: torch.Tensor  # [E, D, F/32] uint8
+
     def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__()
         E, D, F = num_experts, hidden, intermediate
