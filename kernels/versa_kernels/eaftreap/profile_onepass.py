@@ -18,6 +18,11 @@ advance) and r = ceil(q n), the r-th smallest H seen so far is an upper bound of
 "uncertain" whatever comes later and its record is dropped. Records then stay near q n tokens
 (about 15%); after the pass the exact thresholds classify them and their sums are added.
 
+Memory: a record is L x K x 9 bytes (864 B per token for the 20b, 1,296 B for the 120b), and
+at most about 1.25 q n tokens are recorded: ~19% of the scored tokens, e.g. 1.6 GB of host
+memory (and resume state) per 10M scored tokens of the 20b. A calibration set so large that this
+does not fit should run `method="two_pass"`, which keeps 8 bytes per token.
+
 Every value is the two-pass value up to float64 summation order; counts are exact. The sums of
 one batch are one-hot matrix products in float64 (deterministic on GPU, unlike atomic adds),
 so a resumed run equals an uninterrupted one. tests/test_eaftreap_onepass.py holds the two
@@ -41,6 +46,8 @@ from versa_kernels.signals import CLASS_CONFLICT, CLASS_GOOD, SignalThresholds, 
 
 SETS = 3
 RUNNING = ("count", "gate_sum", "norm_sum", "gate_norm_sum")
+RECORD_SLACK = 1.25
+"""Records are re-cut to below the H bound once they exceed this many times q n tokens."""
 ONE_HOT_BUDGET_BYTES = 256 << 20
 """Largest float64 one-hot block [L, chunk, E] built at once when summing a batch."""
 
@@ -104,8 +111,8 @@ class OnePassAccumulator:
         kept = sum(len(r["h"]) for r in self.state["records"])
         seen = sum(len(a) for a in seen_h)
         r = self.rank_needed
-        if seen < r or (np.isfinite(self.state["h_bound"]) and kept <= 2 * r):
-            return  # amortized: re-cut only when the records have doubled
+        if seen < r or (np.isfinite(self.state["h_bound"]) and kept <= RECORD_SLACK * r):
+            return  # amortized: re-cut only when the records have grown by a quarter
         everything = np.concatenate(seen_h)
         bound = np.partition(everything, r - 1)[r - 1]
         self.state["h_bound"] = np.array(bound)
