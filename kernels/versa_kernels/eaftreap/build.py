@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from versa_kernels.distributed import DistContext
 from versa_kernels.eaftreap import outputs
 from versa_kernels.eaftreap.allocation import (
     AllocationPlan,
@@ -191,7 +190,7 @@ def build_pruned(
     run_id: str = "",
     gpus: int = 1,
     on_batch: Any = None,
-    dist: DistContext | None = None,
+    dist: Any = None,
 ) -> BuildResult | dict[str, Any]:
     """Profile, allocate, rewrite and report (module docstring); returns what was written.
 
