@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 LOGIT_CHUNK_TOKENS = 1024  # bounds the [N, V] logits block (1024 x 201088 x 4 B ~ 0.8 GB)
 METHODS = ("one_pass", "two_pass")
+DEFAULT_METHOD = "one_pass"
+"""What `build_pruned` runs: one forward per calibration token (module docstring)."""
 
 __all__ = [
     "CalibExample",
@@ -300,7 +302,7 @@ def profile_experts(
     model_loader: Callable[[], Any] | None = None,
     dist: DistContext | None = None,
     single_state_path: str | Path | None = None,
-    method: str = "one_pass",
+    method: str = DEFAULT_METHOD,
 ) -> ProfileResult:
     """Profile the experts and return the accumulators (module docstring).
 
