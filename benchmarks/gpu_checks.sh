@@ -21,8 +21,9 @@ step env
 
 step cuda-tests
 (cd "$repo" && python3 -m pytest -q -rs -s -p no:cacheprovider tests/test_forward.py \
-  tests/test_forward_trained.py tests/test_validate.py tests/test_eaft_collector.py \
-  tests/test_eaftreap_scoring.py -k "Cuda or cuda or gpu or Gpu") >"$OUT/cuda_tests.log" 2>&1
+  tests/test_forward_fast.py tests/test_forward_trained.py tests/test_validate.py \
+  tests/test_eaft_collector.py tests/test_eaft_signals.py tests/test_eaftreap_scoring.py \
+  -k "Cuda or cuda or gpu or Gpu") >"$OUT/cuda_tests.log" 2>&1
 tail -5 "$OUT/cuda_tests.log"
 
 step validate-bf16
@@ -41,6 +42,10 @@ versa-run fixtures model /tmp/m20x2 --layers 2 --experts 32 --hidden 2880 --inte
   >"$OUT/m20x2.log" 2>&1
 python3 "$repo/benchmarks/bench_decode.py" /tmp/m20x2 --batch-sizes 1,8,32 --prompt-len 128 \
   --new-tokens 128 --repeats 3 2>&1 | grep -E "^(device|batch)" | tee "$OUT/bench_decode.txt"
+
+step bench-profile-20b
+python3 "$repo/benchmarks/bench_profile.py" --shape 20b --seqs 2048,4096 --json "$OUT/bench_profile_20b.json" \
+  2>&1 | grep -v ExpertsInterface | tee "$OUT/bench_profile_20b.txt"
 
 step playbook-tiny
 bash "$repo/scripts/playbook_tiny.sh" /tmp/gpu_playbook >"$OUT/playbook.log" 2>&1

@@ -30,13 +30,26 @@ def fx(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "model": ckpt, "packs": [str(p) for p in make_calib_packs(root / "p")]}
 
 
+FAULTS = Path(__file__).parent / "dist_faults"  # a sitecustomize that kills a chosen rank
+
+
 @pytest.fixture
 def cpu_ranks(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """Allow gloo CPU ranks; one thread per rank on the shared CI box."""
     monkeypatch.setenv("VERSA_DIST_ALLOW_CPU", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("VERSA_DIST_FAIL_RANK", raising=False)
+    monkeypatch.delenv("VERSA_TEST_FAIL_RANK", raising=False)
     return monkeypatch
+
+
+def _kill_rank(monkeypatch: pytest.MonkeyPatch, rank: int, after: int) -> None:
+    """Rank `rank` of the next launch dies when it starts its (after + 1)-th own batch."""
+    import os
+
+    path = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(FAULTS), path) if p))
+    monkeypatch.setenv("VERSA_TEST_FAIL_RANK", str(rank))
+    monkeypatch.setenv("VERSA_TEST_FAIL_AFTER", str(after))
 
 
 def _build(fx: dict, where: Path, **kw):
@@ -103,15 +116,16 @@ def test_build_on_two_ranks_equals_one_process(fx, cpu_ranks, single_build, tmp_
 def test_dead_rank_fails_the_run_and_resume_gives_the_same_result(
     fx, cpu_ranks, single_build, tmp_path
 ) -> None:
-    # Rank 1 dies after 4 of its batches: all 3 of pass 1 and the first of pass 2.
-    cpu_ranks.setenv("VERSA_DIST_FAIL_RANK", "1")
-    cpu_ranks.setenv("VERSA_DIST_FAIL_AFTER", "4")
-    with pytest.raises(KernelError, match=r"rank 1 died \(exit code 17\)"):
+    # Rank 0 (batches 0, 2, 4 of the one pass) dies as it starts its third batch. Rank 0, as
+    # its return value carries the resume point into the meta (another rank's progress at the
+    # moment of the crash depends on timing).
+    _kill_rank(cpu_ranks, rank=0, after=2)
+    with pytest.raises(KernelError, match=r"rank 0 died \(exit code 17\)"):
         _build(fx, tmp_path, gpus=2)
     assert not (tmp_path / "art" / "scores.parquet").exists()
-    state = torch.load(tmp_path / "art" / "profile_state.rank1-of-2.pt", weights_only=True)
-    assert state["pass"] == 2 and state["done"] >= 2  # the dead rank's last save, in pass 2
-    cpu_ranks.delenv("VERSA_DIST_FAIL_RANK")
+    state = torch.load(tmp_path / "art" / "profile_state.rank0-of-2.pt", weights_only=True)
+    assert state["pass"] == 1 and state["done"] == 3  # the dead rank's last save: batch 2 done
+    cpu_ranks.delenv("VERSA_TEST_FAIL_RANK")
     res = _build(fx, tmp_path, gpus=2)
     assert res.profile_meta["resumed_from_batch"] > 0  # it continued, it did not start over
     scores = pd.read_parquet(res.artifacts_dir / "scores.parquet")
@@ -153,8 +167,7 @@ def test_notebook_cell_streams_the_ranks_and_fails_naming_the_dead_one(fx, cpu_r
     """eaft_single.ipynb with gpus=2 under papermill: torchrun runs from inside the cell."""
     papermill = pytest.importorskip("papermill")
     notebook = Path(__file__).resolve().parents[1] / "notebooks" / "eaft_single.ipynb"
-    cpu_ranks.setenv("VERSA_DIST_FAIL_RANK", "0")  # the kernel and torchrun inherit the env
-    cpu_ranks.setenv("VERSA_DIST_FAIL_AFTER", "2")
+    _kill_rank(cpu_ranks, rank=0, after=2)  # the kernel and torchrun inherit the env
     params = dict(
         model_id="tiny/nb", model_path=str(fx["model"]), calib_pack_files=fx["packs"],
         seq_lens_csv=[64], num_blocks=5, sample_points=10, top_k=2, run_id="nb", gpus=2,

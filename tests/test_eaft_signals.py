@@ -101,3 +101,17 @@ def test_classes_and_weights_follow_design_rule():
     assert class_weights(labels).tolist() == [-2.0, 1.0, 0.25, 0.25, 0.25]
     thr2 = signal_thresholds(torch.rand(1000), torch.rand(1000))
     assert thr2.num_tokens == 1000 and 0.0 < thr2.p_thr < 0.3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_logsumexp_on_cuda_equals_the_reference() -> None:
+    """The Triton log-sum-exp (signals_triton) against torch.logsumexp on gpt-oss's vocabulary."""
+    gen = torch.Generator().manual_seed(2)
+    logits = (torch.randn(300, 201088, generator=gen) * 3).bfloat16().cuda()
+    targets = torch.randint(0, 201088, (300,), generator=gen).cuda()
+    fast = token_signals(logits, targets)
+    ref = token_signals(logits, targets, fused_lse=False)
+    torch.testing.assert_close(fast[2], ref[2], atol=2e-5, rtol=1e-6)  # logp
+    torch.testing.assert_close(fast[0], ref[0], atol=1e-9, rtol=2e-5)  # p
+    assert torch.equal(fast[1], ref[1])  # H does not use the log-sum-exp

@@ -246,7 +246,8 @@ def test_changed_weights_never_resume_a_stale_profile(fx, calls, tmp_path) -> No
     loads = calls["load"]
     again = _build(fx_local, tmp_path, overwrite=True)
     assert calls["load"] == loads
-    assert again.profile_meta["resumed_from_batch"] >= 2 * nb  # both passes were done
+    meta = again.profile_meta
+    assert meta["resumed_from_batch"] == meta["total_batches"] >= nb  # every pass was done
     assert again.variants[0].kept == first.variants[0].kept
     report = again.report_path.read_text()
     assert "cut from the finished profile state" in report and "tok/s" not in report

@@ -131,7 +131,7 @@ def test_accumulators_equal_brute_force_and_the_label_sits_at_the_predicting_pos
 
 def test_profile_resumes_after_a_crash_with_the_same_result(setup, tmp_path: Path) -> None:
     _, model, examples, _, _ = setup
-    clean = _profile(model, examples)
+    clean = _profile(model, examples, method="two_pass")  # resume of pass 2
     # The two half accumulators (even / odd batches) partition the sums exactly.
     assert np.array_equal(clean.halves[0].count + clean.halves[1].count, clean.acc.count)
     taus = split_half_tau(clean.halves, "eaft_gate_norm_sum")
@@ -146,12 +146,15 @@ def test_profile_resumes_after_a_crash_with_the_same_result(setup, tmp_path: Pat
             raise KeyboardInterrupt  # the process "dies" after the first pass-2 batch
 
     with pytest.raises(KeyboardInterrupt):
-        _profile(model, examples, state_path=state, save_every_batches=1, on_batch=crash)
+        _profile(
+            model, examples, state_path=state, save_every_batches=1, on_batch=crash,
+            method="two_pass",
+        )  # fmt: skip
     assert state.is_file()
     seen: list[tuple[int, int]] = []
     resumed = _profile(
         model, examples, state_path=state, save_every_batches=1,
-        on_batch=lambda p, d, t: seen.append((p, d)),
+        on_batch=lambda p, d, t: seen.append((p, d)), method="two_pass",
     )  # fmt: skip
     assert resumed.resumed_from_batch == 2 + 1  # both pass-1 batches, 1 pass-2 batch
     assert seen == [(2, 2)]  # only the remaining batch ran
@@ -163,7 +166,7 @@ def test_profile_resumes_after_a_crash_with_the_same_result(setup, tmp_path: Pat
     again = profile_experts(
         None, examples, num_layers=2, num_experts=8, batch_size=2, state_path=state,
         model_loader=lambda: pytest.fail("a finished profile must not load the model"),
-        on_batch=lambda p, d, t: seen.append(p),
+        on_batch=lambda p, d, t: seen.append(p), method="two_pass",
     )  # fmt: skip
     assert seen == [] and np.array_equal(again.acc.eaft_gate_norm_sum, clean.acc.eaft_gate_norm_sum)
     assert (
@@ -171,7 +174,7 @@ def test_profile_resumes_after_a_crash_with_the_same_result(setup, tmp_path: Pat
         and not torch.load(state, weights_only=True)["p"]
     )
     # A state written for other inputs is ignored, not silently reused.
-    other = _profile(model, examples[:2], state_path=state)
+    other = _profile(model, examples[:2], state_path=state, method="two_pass")
     assert other.resumed_from_batch == 0 and other.acc.count.sum() < clean.acc.count.sum()
 
 

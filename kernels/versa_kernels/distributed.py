@@ -21,8 +21,11 @@ Rules every caller follows (so N ranks give the single-process result):
 
 Backend: NCCL with one GPU per rank when CUDA is available; gloo CPU processes otherwise, but
 only when ``VERSA_DIST_ALLOW_CPU=1`` says so (tests, benchmarks): a CPU-only target asked for
-``--gpus 4`` is an error before any work. ``VERSA_DIST_FAIL_RANK`` / ``VERSA_DIST_FAIL_AFTER``
-make one rank exit hard after that many of its batches: a fault injector for tests.
+``--gpus 4`` is an error before any work.
+
+The mode is typed: a task function takes ``dist: DistContext | None`` (None = one process) and
+returns the same type either way. Fault injection (a rank dying mid-run) lives in the tests
+(tests/dist_faults/), not here.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import sys
 import tempfile
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +54,6 @@ log = logging.getLogger(__name__)
 
 MAX_GPUS = 64
 ENV_ALLOW_CPU = "VERSA_DIST_ALLOW_CPU"
-ENV_FAIL_RANK = "VERSA_DIST_FAIL_RANK"
-ENV_FAIL_AFTER = "VERSA_DIST_FAIL_AFTER"
-FAULT_EXIT_CODE = 17  # exit status of an injected rank death (recognizable in the message)
 OUTPUT_TAIL_LINES = 200
 COLLECTIVE_TIMEOUT_S = 6 * 3600
 """How long a rank waits in a gather for slower ranks (a resumed rank may have hours left).
@@ -92,17 +92,15 @@ def check_gpus(gpus: int) -> None:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistContext:
-    """This process's place in the run; all collective operations go through it."""
+    """This process's place in a multi-rank run; all collective operations go through it."""
 
     rank: int
     world_size: int
     local_rank: int = 0
     backend: str = "gloo"
     device: str = "cpu"
-    _fail_after: int = field(default=-1, repr=False)
-    _done: int = field(default=0, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -112,14 +110,6 @@ class DistContext:
     def owns(self, index: int) -> bool:
         """Whether batch ``index`` is this rank's (round robin: rank r takes r, r+N, ...)."""
         return index % self.world_size == self.rank
-
-    def batch_done(self) -> None:
-        """Called after each of this rank's batches: the fault injector's trigger point."""
-        self._done += 1
-        if self._fail_after >= 0 and self._done >= self._fail_after:
-            log.error("rank %d: injected failure after %d batches", self.rank, self._done)
-            logging.shutdown()
-            os._exit(FAULT_EXIT_CODE)  # a hard death, like an OOM kill: no cleanup, no except
 
     def gather_in_order(self, mine: dict[int, Any]) -> list[Any]:
         """Every rank's ``{batch index: value}`` merged into one list in batch-index order.
@@ -234,9 +224,7 @@ def _init() -> DistContext:
     else:
         backend, device = "gloo", "cpu"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    fail = os.environ.get(ENV_FAIL_RANK)
-    fail_after = int(os.environ.get(ENV_FAIL_AFTER, "1")) if fail and int(fail) == rank else -1
-    return DistContext(rank, world, local, backend, device, _fail_after=fail_after)
+    return DistContext(rank, world, local, backend, device)
 
 
 def _jsonable(value: Any) -> Any:
@@ -276,4 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, not this __main__ copy: a rank then has one
+    # DistContext class, the one every task function and test sees.
+    from versa_kernels.distributed import main as _main
+
+    sys.exit(_main())

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from versa_kernels.signals_triton import logsumexp_rows, triton_lse_usable
+
 __all__ = [
     "CC_QUANTILE",
     "CLASS_CONFLICT",
@@ -64,9 +66,16 @@ W_CONFLICT = -2.0
 
 
 def token_signals(
-    logits: torch.Tensor, targets: torch.Tensor, *, entropy_top_k: int = ENTROPY_TOP_K
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    entropy_top_k: int = ENTROPY_TOP_K,
+    fused_lse: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-prediction (p, H_norm, logp) from logits [N, V] and the actual next tokens [N].
+
+    On CUDA the log-sum-exp runs in `signals_triton` (one read of the logits); elsewhere, or
+    with `fused_lse=False`, `torch.logsumexp` over an fp32 copy (the reference).
 
     Why: p says whether the model expected the real token; H_norm says how sure it was of
     anything. Low p with low H is a confident conflict (the model is sure of something else).
@@ -101,13 +110,17 @@ def token_signals(
             f"{int(targets.max())}] (drop masked positions before calling)"
         )
 
-    z = logits.float()  # [N, V]
-    log_z = torch.logsumexp(z, dim=-1)  # [N]
-    logp = z.gather(1, targets[:, None]).squeeze(1) - log_z  # [N]
+    if fused_lse and triton_lse_usable(logits):
+        log_z = logsumexp_rows(logits)  # [N] fp32, one read of the logits
+    else:
+        log_z = torch.logsumexp(logits.float(), dim=-1)  # [N], the reference
+    logp = logits.gather(1, targets[:, None]).squeeze(1).float() - log_z  # [N]
     p = logp.exp()
 
     k = min(entropy_top_k, vocab)
-    top = torch.topk(z, k, dim=-1).values.double()  # [N, K]
+    # On the logits as given: upcasting is exact and keeps the order, and a bf16 top-k reads
+    # half the bytes of the fp32 copy.
+    top = torch.topk(logits, k, dim=-1).values.double()  # [N, K]
     log_q = torch.log_softmax(top, dim=-1)  # [N, K], renormalized over the top-K only
     entropy = -(log_q.exp() * log_q).sum(dim=-1)  # [N], nats
     if k > 1:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from versa_kernels.distributed import DistContext
 from versa_kernels.eaft.blocks import UNION_PACK, Blocks, TokenCache, pack_blocks, union_rows
 from versa_kernels.eaft.stats import PROB_SCALES, HistogramSpec, SignalStats
 from versa_kernels.errors import DataError, ParameterError
@@ -59,17 +60,18 @@ def run_blocks(
     stats: SignalStats,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     router_mask: Sequence[torch.Tensor | None] | None = None,
-    dist: Any = None,
+    dist: DistContext | None = None,
 ) -> float:
     """Forward every block, feed kept-token signals into `stats`; returns the loop's wall seconds.
 
-    With `dist` (versa_kernels.distributed) rank r runs batches r, r+N, ...; the per-chunk
-    signals of all ranks are then gathered and fed to `stats` in batch order, so thresholds,
-    histograms, sums and the reservoir sample equal a single process's exactly.
+    A batch's signals stay on the device until the batch is done and reach `stats` in one
+    transfer (one host sync per batch, not per logits chunk). With `dist` rank r runs batches
+    r, r+N, ...; the signals of all ranks are then gathered and fed to `stats` in batch order,
+    so thresholds, histograms, sums and the reservoir sample equal a single process's exactly.
     """
     device = next(model.parameters()).device
     started = time.perf_counter()
-    mine: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+    mine: dict[int, tuple[torch.Tensor, ...]] = {}
     for batch, first in enumerate(range(0, blocks.input_ids.shape[0], batch_size)):
         if dist is not None and not dist.owns(batch):
             continue
@@ -78,21 +80,23 @@ def run_blocks(
         hidden = model(ids, router_mask=router_mask).hidden[:, :-1]  # [B, S-1, D] predictors
         kept_hidden = hidden[keep]  # [N, D]
         targets = ids[:, 1:][keep]  # [N]
+        parts = []
         for start, logits in model.iter_logit_chunks(kept_hidden[None], chunk_tokens):  # [c, V]
-            p, h, logp = token_signals(
-                logits, targets[start : start + logits.shape[0]], entropy_top_k=entropy_top_k
+            parts.append(
+                token_signals(
+                    logits, targets[start : start + logits.shape[0]], entropy_top_k=entropy_top_k
+                )
             )
-            if dist is None:
-                stats.add(p, h, logp)
-            else:
-                mine.setdefault(batch, []).append((p.cpu(), h.cpu(), logp.cpu()))
-        if dist is not None:
-            mine.setdefault(batch, [])
-            dist.batch_done()
+        signals = tuple(
+            torch.cat([q[i] for q in parts]) if parts else torch.zeros(0) for i in range(3)
+        )
+        if dist is None:
+            stats.add(*signals)
+        else:
+            mine[batch] = tuple(t.cpu() for t in signals)
     if dist is not None:
-        for chunks in dist.gather_in_order(mine):
-            for p, h, logp in chunks:
-                stats.add(p, h, logp)
+        for p, h, logp in dist.gather_in_order(mine):
+            stats.add(p, h, logp)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started
@@ -109,7 +113,7 @@ def collect_blocks(
     spec: HistogramSpec | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     router_mask: Sequence[torch.Tensor | None] | None = None,
-    dist: Any = None,
+    dist: DistContext | None = None,
 ) -> dict[str, Any]:
     """One (pack, seq) entry of the JSON: provenance of the blocks plus the `model` summary."""
     stats = SignalStats(
@@ -282,12 +286,13 @@ def collect(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     experts_keep: Sequence[Sequence[int]] | None = None,
     gpus: int = 1,
-    dist: Any = None,
-) -> Path | None:
+    dist: DistContext | None = None,
+) -> Path:
     """Collect EAFT statistics of one model; returns the JSON path (see module docstring).
 
     `gpus > 1` runs the collection on that many torchrun ranks (versa_kernels.distributed) and
-    returns the path rank 0 wrote; `dist` is set only inside such a rank (others return None).
+    returns the path rank 0 wrote; `dist` is set only inside such a rank. Every rank returns
+    that same path (rank 0 writes it).
     """
     params = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items() if k != "dist"}
     seq_lens = _parse_int_csv(seq_lens_csv, "seq_lens_csv")
@@ -305,7 +310,11 @@ def collect(
         check_gpus(gpus)
     model_path = _resolve_model_path(model_id, model_path)
     if dist is None and gpus > 1:  # resolved (downloaded) once, here, not by every rank
-        return Path(launch("eaft_single", {**params, "model_path": model_path}, gpus))
+        # One run id for every rank, so all of them name the file rank 0 writes.
+        rid = run_id or time.strftime("%Y%m%d_%H%M%S")
+        return Path(
+            launch("eaft_single", {**params, "model_path": model_path, "run_id": rid}, gpus)
+        )
     from transformers import AutoTokenizer
 
     from versa_kernels.gptoss.model import GptOssModel
@@ -383,9 +392,8 @@ def collect(
         "packs": [{"pack": name, "seq": seqs} for name, seqs in results.items()],
     }
     out = Path(out_root) / (run_id or time.strftime("%Y%m%d_%H%M%S")) / json_name(model_id)
-    if dist is not None and not dist.is_main:
-        return None  # rank 0 writes the file
-    _write_json(out, doc)
+    if dist is None or dist.is_main:  # one writer; every rank reports the same path
+        _write_json(out, doc)
     return out
 
 

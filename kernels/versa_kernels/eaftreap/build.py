@@ -251,10 +251,9 @@ def _profile_source(
         return {**prof.meta(), "world_size": dist.world_size, "backend": dist.backend}
     if not (prof.acc.count.sum(axis=1) > 0).all():
         raise RuntimeError("profiling routed no tokens through some layer: scores would be empty")
-    num_batches = -(-len(examples) // batch_size)
     # No forward in this build when the saved profile was already finished: say so, instead
     # of a "0.0 tok/s" throughput line.
-    finished_before = dist_meta is None and prof.resumed_from_batch >= 2 * num_batches
+    finished_before = dist_meta is None and prof.finished_before
     cut_from = (
         {"kind": "profile_state", "path": str((art / PROFILE_STATE).resolve())}
         if finished_before

@@ -1,6 +1,8 @@
 """EAFT-REAP profiling through the project's forward (no hooks), resumable.
 
-Two passes over the same calibration batches (eaftreap_spec §2.3):
+`method="one_pass"` (the default) runs each batch once and applies the classes after the pass
+(`profile_onepass`: same accumulators up to float64 summation order). `method="two_pass"` is
+the reference, two passes over the same calibration batches (eaftreap_spec §2.3):
 
 1. Signals: the forward's final hidden states at the *predicting* positions go through the LM
    head in chunks; ``token_signals`` gives p (probability of the actual next token) and the
@@ -18,8 +20,8 @@ arrays) is written atomically to ``state_path`` together with a fingerprint of t
 that finds a state with the same fingerprint continues from it; float64 sums in the same batch
 order make the resumed result identical to an uninterrupted one.
 
-Several ranks (``dist``, see ``versa_kernels.distributed``): rank r runs batches r, r+N, ... of
-both passes. After pass 1 every rank gathers all ranks' p/H arrays in batch order, so the
+Several ranks (``dist``, a ``versa_kernels.distributed.DistContext``): rank r runs batches r,
+r+N, ... of every pass. After pass 1 every rank gathers all ranks' p/H arrays in batch order, so the
 thresholds are the exact global quantiles of a single process. After pass 2 the float64
 accumulators are summed across ranks (all_reduce). Each rank saves its own state file (its own
 p/H arrays and partial sums, kept to the end); on resume the ranks first agree on the earliest
@@ -28,9 +30,6 @@ pass any of them is in, so every rank takes part in the same gather and reductio
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -41,14 +40,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from versa_kernels.distributed import DistContext
+from versa_kernels.eaftreap.profile_onepass import OnePassAccumulator
+from versa_kernels.eaftreap.profile_state import (
+    STATE_SCHEMA_VERSION,
+    Progress,
+    Saver,
+    fingerprint,
+    load_state,
+    save_state,
+)
 from versa_kernels.eaftreap.scoring import CLASS_NAMES, EaftWeights, ExpertAccumulators
-from versa_kernels.fsio import atomic_write_bytes
 from versa_kernels.harmony import completion_mask
 
 log = logging.getLogger(__name__)
 
-STATE_SCHEMA_VERSION = 2  # 2: split-half accumulators, tensors only
-LOGIT_CHUNK_TOKENS = 512  # bounds the [N, V] logits block (512 x 201088 x 4 B ~ 0.4 GB)
+LOGIT_CHUNK_TOKENS = 1024  # bounds the [N, V] logits block (1024 x 201088 x 4 B ~ 0.8 GB)
+METHODS = ("one_pass", "two_pass")
+DEFAULT_METHOD = "one_pass"
+"""What `build_pruned` runs: one forward per calibration token (module docstring)."""
 
 __all__ = [
     "CalibExample",
@@ -82,6 +92,13 @@ class ProfileResult:
     scored_tokens: int
     tokens_per_s: float
     resumed_from_batch: int
+    total_batches: int
+    """Batches over all passes of the method (one pass or two): resumed_from_batch equal to it
+    means the saved profile was already finished and no forward ran."""
+
+    @property
+    def finished_before(self) -> bool:
+        return self.resumed_from_batch >= self.total_batches
 
     def meta(self) -> dict[str, Any]:
         """JSON-ready summary."""
@@ -93,6 +110,7 @@ class ProfileResult:
             "scored_tokens": self.scored_tokens,
             "tokens_per_s": self.tokens_per_s,
             "resumed_from_batch": self.resumed_from_batch,
+            "total_batches": self.total_batches,
         }
 
 
@@ -138,63 +156,6 @@ def _targets(ids: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     return ids.reshape(-1)[flat + 1] if len(flat) else flat  # [N] next token of each position
 
 
-def fingerprint(examples: Sequence[CalibExample], **settings: Any) -> str:
-    """sha256 over the tokenized inputs and every setting that changes the result."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    for ex in examples:
-        digest.update(ex.input_ids.numpy().astype(np.int64).tobytes())
-        digest.update(b"|")
-        digest.update(ex.positions.numpy().astype(np.int64).tobytes())
-        digest.update(b"#")
-    return digest.hexdigest()
-
-
-def _to_tensors(obj: Any) -> Any:
-    """numpy arrays -> tensors, recursively, so the state loads with ``weights_only=True``."""
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj)
-    if isinstance(obj, dict):
-        return {k: _to_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_tensors(v) for v in obj]
-    return obj
-
-
-def _to_arrays(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.numpy()
-    if isinstance(obj, dict):
-        return {k: _to_arrays(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_arrays(v) for v in obj]
-    return obj
-
-
-def _save_state(path: Path | None, state: dict[str, Any]) -> None:
-    if path is None:
-        return
-    buf = io.BytesIO()
-    torch.save(_to_tensors(state), buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _load_state(path: Path | None, fp: str) -> dict[str, Any] | None:
-    if path is None or not path.is_file():
-        return None
-    # weights_only: a state file synced from elsewhere must not be able to run code on load.
-    try:
-        state = _to_arrays(torch.load(path, weights_only=True))
-    except Exception as exc:  # torch raises several types for foreign or truncated files
-        log.warning(
-            "ignoring unreadable profile state %s (%s); profiling from the start", path, exc
-        )
-        return None
-    if state.get("schema_version") != STATE_SCHEMA_VERSION or state.get("fingerprint") != fp:
-        log.warning("ignoring profile state %s: it belongs to different inputs", path)
-        return None
-    return state
-
-
 def model_device(model: Any) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -202,109 +163,89 @@ def model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-class _Saver:
-    """Writes the state when due: every ``every_s`` seconds or ``every_batches`` batches."""
+@dataclass
+class _Run:
+    """What every pass of one profiling call shares (typed, instead of a string-keyed dict)."""
 
-    def __init__(self, path: Path | None, every_batches: int, every_s: float) -> None:
-        self.path, self.every_batches, self.every_s = path, every_batches, every_s
-        self.last_t, self.last_batch = time.monotonic(), -1
+    device: torch.device
+    pad_id: int
+    weights: EaftWeights
+    entropy_top_k: int
+    saver: Saver
+    on_batch: Callable[[int, int, int], None] | None
+    dist: DistContext | None
 
-    def maybe(self, state: dict[str, Any], total: int, *, force: bool = False) -> None:
-        by_count = self.every_batches > 0 and state["done"] - self.last_batch >= self.every_batches
-        by_time = time.monotonic() - self.last_t >= self.every_s
-        if force or state["done"] == total or by_count or by_time:
-            _save_state(self.path, state)
-            self.last_t, self.last_batch = time.monotonic(), state["done"]
+    def skip(self, i: int) -> bool:
+        """True when batch i belongs to another rank (never with a single process)."""
+        return self.dist is not None and not self.dist.owns(i)
 
-
-class _Progress:
-    """Log lines with rate and ETA (the target has no progress bar, only the run log)."""
-
-    def __init__(self, pass_no: int, total: int, done: int) -> None:
-        self.pass_no, self.total, self.start_done = pass_no, total, done
-        self.t0, self.tokens = time.monotonic(), 0
-        self.every = max(1, total // 20)
-
-    def step(self, done: int, tokens: int) -> None:
-        self.tokens += tokens
-        if done % self.every and done != self.total:
-            return
-        elapsed = max(time.monotonic() - self.t0, 1e-9)
-        rate = (done - self.start_done) / elapsed
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        log.info(
-            "profile pass %d/2: batch %d/%d, %.0f tok/s, ETA %.0f s",
-            self.pass_no, done, self.total, self.tokens / elapsed, eta,
-        )  # fmt: skip
+    def after_batch(self, pass_no: int, state: dict, total: int) -> None:
+        self.saver.maybe(state, total)
+        if self.on_batch is not None:
+            self.on_batch(pass_no, state["done"], total)
 
 
-def _skip(ctx: dict, i: int) -> bool:
-    """True when batch i belongs to another rank (never with a single process)."""
-    return ctx["dist"] is not None and not ctx["dist"].owns(i)
+def _scored_signals(
+    model: Any, hidden: torch.Tensor, targets: torch.Tensor, run: _Run
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """p and H [N] (on the device) of the scored predictions, from chunked LM-head logits."""
+    from versa_kernels.signals import token_signals
+
+    p_parts, h_parts = [], []
+    for s in range(0, len(targets), LOGIT_CHUNK_TOKENS):
+        logits = model.logits(hidden[s : s + LOGIT_CHUNK_TOKENS])  # [n, V]
+        p, h, _ = token_signals(
+            logits, targets[s : s + LOGIT_CHUNK_TOKENS], entropy_top_k=run.entropy_top_k
+        )
+        p_parts.append(p.float())
+        h_parts.append(h.float())
+    empty = torch.zeros(0, device=hidden.device)
+    return torch.cat([empty, *p_parts]), torch.cat([empty, *h_parts])
 
 
-def _batch_done(ctx: dict) -> None:
-    if ctx["dist"] is not None:
-        ctx["dist"].batch_done()
-
-
-def _signals_pass(model: Any, batches: list, state: dict, ctx: dict) -> None:
-    """Pass 1: p and H of every scored prediction, from chunked LM-head logits.
+def _signals_pass(model: Any, batches: list, state: dict, run: _Run) -> None:
+    """Two-pass method, pass 1: p and H of every scored prediction.
 
     With ranks, ``state["p"]`` holds this rank's batches only, in order (r, r+N, ...).
     """
-    from versa_kernels.signals import token_signals
-
-    device, progress = ctx["device"], _Progress(1, len(batches), state["done"])
+    progress = Progress(1, len(batches), state["done"])
     for i in range(state["done"], len(batches)):
-        if _skip(ctx, i):
+        if run.skip(i):
             continue
-        ids, flat = pad_batch(batches[i], ctx["pad_id"])
-        out = model(ids.to(device))
-        hidden = out.hidden.reshape(-1, out.hidden.shape[-1])[flat.to(device)]  # [N, D]
-        targets = _targets(ids, flat).to(device)
-        p_parts, h_parts = [torch.zeros(0)], [torch.zeros(0)]
-        for s in range(0, len(flat), LOGIT_CHUNK_TOKENS):
-            logits = model.logits(hidden[s : s + LOGIT_CHUNK_TOKENS]).float()  # [n, V]
-            p, h, _ = token_signals(
-                logits, targets[s : s + LOGIT_CHUNK_TOKENS], entropy_top_k=ctx["entropy_top_k"]
-            )
-            p_parts.append(p.float().cpu())
-            h_parts.append(h.float().cpu())
-        state["p"].append(torch.cat(p_parts).numpy())
-        state["h"].append(torch.cat(h_parts).numpy())
+        ids, flat = pad_batch(batches[i], run.pad_id)
+        out = model(ids.to(run.device))
+        hidden = out.hidden.reshape(-1, out.hidden.shape[-1])[flat.to(run.device)]  # [N, D]
+        p, h = _scored_signals(model, hidden, _targets(ids, flat).to(run.device), run)
+        state["p"].append(p.cpu().numpy())
+        state["h"].append(h.cpu().numpy())
         state["done"] = i + 1
-        ctx["saver"].maybe(state, len(batches))
-        _batch_done(ctx)
         progress.step(state["done"], int(ids.numel()))
-        if ctx["on_batch"] is not None:
-            ctx["on_batch"](1, state["done"], len(batches))
+        run.after_batch(1, state, len(batches))
 
 
 def _accumulate_pass(
-    model: Any, batches: list, state: dict, ctx: dict, thr: Any, ph: tuple[list, list]
+    model: Any, batches: list, state: dict, run: _Run, thr: Any, ph: tuple[list, list]
 ) -> None:
-    """Pass 2: EAFT-weighted REAP sums from the forward's MoE traces (label at position t).
+    """Two-pass method, pass 2: EAFT-weighted REAP sums from the MoE traces (label at t).
 
     ``ph``: the p and H arrays of every batch, in batch order (gathered across ranks).
     """
-    weights, device = ctx["weights"], ctx["device"]
     acc = ExpertAccumulators.from_state(state["acc"])
     # Even and odd calibration rows feed two half accumulators: split-half rank stability of
     # the ranking (spec §11.1 #1 asks for it; the original ranked from 16k tokens unchecked).
     halves = [ExpertAccumulators.from_state(h) for h in state["halves"]]
     first_row = np.cumsum([0] + [len(b) for b in batches])
-    progress = _Progress(2, len(batches), state["done"])
+    progress = Progress(2, len(batches), state["done"])
     for i in range(state["done"], len(batches)):
-        if _skip(ctx, i):
+        if run.skip(i):
             continue
-        ids, flat = pad_batch(batches[i], ctx["pad_id"])
-        _, w = weights.token_weights(
+        ids, flat = pad_batch(batches[i], run.pad_id)
+        _, w = run.weights.token_weights(
             torch.from_numpy(ph[0][i]), torch.from_numpy(ph[1][i]), thr
         )  # w: [N] weight of the prediction made at each scored position
         odd = ((int(first_row[i]) + flat // ids.shape[1]) % 2).bool()  # [N] row parity
-        out = model(ids.to(device), collect_moe=True)
-        fdev = flat.to(device)
+        out = model(ids.to(run.device), collect_moe=True)
+        fdev = flat.to(run.device)
         for trace in out.moe:
             idx, gates, norms = (
                 trace.indices[fdev],  # [N, K]
@@ -318,11 +259,37 @@ def _accumulate_pass(
         state["done"] = i + 1
         state["acc"] = acc.state()
         state["halves"] = [h.state() for h in halves]
-        ctx["saver"].maybe(state, len(batches))
-        _batch_done(ctx)
         progress.step(state["done"], int(ids.numel()))
-        if ctx["on_batch"] is not None:
-            ctx["on_batch"](2, state["done"], len(batches))
+        run.after_batch(2, state, len(batches))
+
+
+def _one_pass(model: Any, batches: list, state: dict, run: _Run, acc: OnePassAccumulator) -> None:
+    """One-pass method: one forward per batch gives the signals and the MoE traces."""
+    first_row = np.cumsum([0] + [len(b) for b in batches])
+    progress = Progress(1, len(batches), state["done"], passes=1)
+    for i in range(state["done"], len(batches)):
+        if run.skip(i):
+            continue
+        ids, flat = pad_batch(batches[i], run.pad_id)
+        odd = ((int(first_row[i]) + flat // ids.shape[1]) % 2).bool()  # [N] row parity
+        out = model(ids.to(run.device), collect_moe=True)
+        fdev = flat.to(run.device)
+        hidden = out.hidden.reshape(-1, out.hidden.shape[-1])[fdev]  # [N, D]
+        p, h = _scored_signals(model, hidden, _targets(ids, flat).to(run.device), run)
+        state["p"].append(p.cpu().numpy())
+        state["h"].append(h.cpu().numpy())
+        acc.add_batch(
+            torch.stack([t.indices[fdev] for t in out.moe]),  # [L, N, K]
+            torch.stack([t.gates[fdev] for t in out.moe]),
+            torch.stack([t.expert_out_norm[fdev] for t in out.moe]),
+            p,
+            h,
+            odd,
+            state["h"],
+        )
+        state["done"] = i + 1
+        progress.step(state["done"], int(ids.numel()))
+        run.after_batch(1, state, len(batches))
 
 
 def profile_experts(
@@ -341,30 +308,35 @@ def profile_experts(
     fingerprint_extra: dict[str, Any] | None = None,
     on_batch: Callable[[int, int, int], None] | None = None,
     model_loader: Callable[[], Any] | None = None,
-    dist: Any = None,
+    dist: DistContext | None = None,
     single_state_path: str | Path | None = None,
+    method: str = DEFAULT_METHOD,
 ) -> ProfileResult:
-    """Run both passes and return the accumulators (module docstring).
+    """Profile the experts and return the accumulators (module docstring).
 
+    ``method``: "one_pass" (one forward per batch) or "two_pass" (the reference).
     ``model`` may be None with a ``model_loader`` instead: the model is then loaded only when a
     pass still has to run (re-cutting a finished 20b profile skips minutes of loading).
 
-    ``on_batch(pass_no, batches_done, total_batches)`` is called after each batch. When both
+    ``on_batch(pass_no, batches_done, total_batches)`` is called after each batch. When the
     passes are done the per-token arrays are dropped from the saved state (they are only needed
-    to resume pass 2), so a finished state stays small and re-running the build only re-cuts.
+    to resume), so a finished state stays small and re-running the build only re-cuts.
 
-    ``dist`` (a ``versa_kernels.distributed.DistContext``) shards the batches over ranks; every
-    rank returns the same reduced result, and rank 0 also writes the finished state in
-    single-process form to ``single_state_path``: the notebook's own call then re-cuts from it.
+    ``dist`` shards the batches over ranks; every rank returns the same reduced result, and
+    rank 0 also writes the finished state in single-process form to ``single_state_path``:
+    the notebook's own call then re-cuts from it.
     """
-    from versa_kernels.signals import exact_quantile
-
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not allowed; expected one of {', '.join(METHODS)}")
     weights = weights or EaftWeights()
     batches = _batches(examples, batch_size)
+    passes = 1 if method == "one_pass" else 2
     path = Path(state_path) if state_path is not None else None
     settings = {"batch_size": batch_size, "weights": weights, "top_k": entropy_top_k}
+    if method != "two_pass":  # two-pass states keep the fingerprint they always had
+        settings["method"] = method
     fp = fingerprint(examples, **settings, extra=fingerprint_extra or {})
-    state = _load_state(path, fp) or {
+    state = load_state(path, fp) or {
         "schema_version": STATE_SCHEMA_VERSION,
         "fingerprint": fp,
         "pass": 1,
@@ -373,72 +345,104 @@ def profile_experts(
         "h": [],
         "acc": ExpertAccumulators.zeros(num_layers, num_experts).state(),
         "halves": [ExpertAccumulators.zeros(num_layers, num_experts).state() for _ in range(2)],
+        **(
+            {"onepass": OnePassAccumulator.new_state(num_layers, num_experts)}
+            if passes == 1
+            else {}
+        ),
     }
     if dist is not None and dist.min_int(state["pass"]) < 3 <= state["pass"]:
-        # Another rank has work left: rejoin at the end of pass 2 (own arrays are kept).
+        # Another rank has work left: rejoin at the end of the last pass (own arrays are kept).
         state.update({"pass": 2, "done": len(batches)})
-    resumed_from = (state["pass"] - 1) * len(batches) + state["done"]
+    resumed_from = min(state["pass"] - 1, passes) * len(batches) + state["done"]
+    resumed_from = min(resumed_from, passes * len(batches))
     if resumed_from:
         log.info("resuming profile at pass %d batch %d", state["pass"], state["done"])
-    ctx = {
-        "device": None,
-        "pad_id": pad_id,
-        "weights": weights,
-        "entropy_top_k": entropy_top_k,
-        "on_batch": on_batch,
-        "saver": _Saver(path, save_every_batches, save_every_s),
-        "dist": dist,
-    }
     tokens = sum(len(ex.input_ids) for ex in examples)
     if state["pass"] < 3 and model is None:
         if model_loader is None:
             raise ValueError("profile_experts needs a model (or a model_loader) to run a pass")
         model = model_loader()
-    ctx["device"] = model_device(model) if model is not None else None
+    run = _Run(
+        device=model_device(model),
+        pad_id=pad_id,
+        weights=weights,
+        entropy_top_k=entropy_top_k,
+        saver=Saver(path, save_every_batches, save_every_s),
+        on_batch=on_batch,
+        dist=dist,
+    )
     started = time.monotonic()  # tokens/s of the passes, not of loading the model
     with torch.inference_mode():
+        onepass = None
+        if passes == 1 and "onepass" in state:
+            scored = sum(len(ex.positions) for ex in examples)
+            onepass = OnePassAccumulator(
+                state["onepass"], total_tokens=scored, cc_quantile=weights.cc_quantile
+            )
         if state["pass"] == 1:
-            _signals_pass(model, batches, state, ctx)
-            state.update({"pass": 2, "done": 0})
-            ctx["saver"].maybe(state, len(batches), force=True)
+            if onepass is not None:
+                _one_pass(model, batches, state, run, onepass)
+                state.update({"pass": 2, "done": len(batches)})
+            else:
+                _signals_pass(model, batches, state, run)
+                state.update({"pass": 2, "done": 0})
+            run.saver.maybe(state, len(batches), force=True)
         if state["pass"] == 2:
-            ph = _all_signals(state, dist, len(batches))
-            p_all = torch.from_numpy(np.concatenate([np.zeros(0, np.float32), *ph[0]]))
-            h_all = torch.from_numpy(np.concatenate([np.zeros(0, np.float32), *ph[1]]))
-            if p_all.numel() == 0:
-                raise ValueError("no completion tokens to score in the calibration rows")
-            thr = weights.thresholds(p_all, h_all)  # the run's global thresholds
-            _accumulate_pass(model, batches, state, ctx, thr, ph)
-            if dist is not None:  # partial sums stay in the state; the totals are kept apart
-                state["total"] = _reduced(dist, state)
-            labels, _ = weights.token_weights(p_all, h_all, thr)
-            counts = torch.bincount(labels.long(), minlength=len(CLASS_NAMES)).tolist()
-            state["summary"] = {
-                "p_lo": thr.p_thr,
-                "h_lo": thr.h_thr,
-                "h_hi": exact_quantile(h_all, 1.0 - weights.cc_quantile),  # reported only
-                "region_counts": {name: int(counts[c]) for c, name in CLASS_NAMES.items()},
-                "scored_tokens": int(p_all.numel()),
-            }
-            state.update({"pass": 3} if dist is not None else {"pass": 3, "p": [], "h": []})
-            ctx["saver"].maybe(state, len(batches), force=True)
+            _finish(model, batches, state, run, onepass)
+            run.saver.maybe(state, len(batches), force=True)
     total = state["total"] if dist is not None else state
     if dist is not None and dist.is_main and single_state_path is not None:
         keep = ("schema_version", "fingerprint", "summary")
         single = {**{k: state[k] for k in keep}, "pass": 3, "done": len(batches), "p": [], "h": []}
-        _save_state(Path(single_state_path), {**single, **total})
+        save_state(Path(single_state_path), {**single, **total})
     elapsed = max(time.monotonic() - started, 1e-9)
-    done_now = 2 * len(batches) - min(resumed_from, 2 * len(batches))
+    done_now = passes * len(batches) - resumed_from
     return ProfileResult(
         acc=ExpertAccumulators.from_state(total["acc"]),
         halves=tuple(ExpertAccumulators.from_state(h) for h in total["halves"]),
         tokens_per_s=tokens * done_now / max(len(batches), 1) / elapsed,
         resumed_from_batch=resumed_from,
+        total_batches=passes * len(batches),
         **state["summary"],
     )
 
 
-def _all_signals(state: dict, dist: Any, num_batches: int) -> tuple[list, list]:
+def _finish(
+    model: Any, batches: list, state: dict, run: _Run, onepass: OnePassAccumulator | None
+) -> None:
+    """Global thresholds, then the accumulators (pass 2 of the reference, or the records)."""
+    from versa_kernels.signals import exact_quantile
+
+    weights, dist = run.weights, run.dist
+    ph = _all_signals(state, dist, len(batches))
+    p_all = torch.from_numpy(np.concatenate([np.zeros(0, np.float32), *ph[0]]))
+    h_all = torch.from_numpy(np.concatenate([np.zeros(0, np.float32), *ph[1]]))
+    if p_all.numel() == 0:
+        raise ValueError("no completion tokens to score in the calibration rows")
+    thr = weights.thresholds(p_all, h_all)  # the run's global thresholds
+    if onepass is None:
+        _accumulate_pass(model, batches, state, run, thr, ph)
+    else:
+        state["acc"], state["halves"] = onepass.finish(thr, weights)
+    if dist is not None:  # partial sums stay in the state; the totals are kept apart
+        state["total"] = _reduced(dist, state)
+    labels, _ = weights.token_weights(p_all, h_all, thr)
+    counts = torch.bincount(labels.long(), minlength=len(CLASS_NAMES)).tolist()
+    state["summary"] = {
+        "p_lo": thr.p_thr,
+        "h_lo": thr.h_thr,
+        "h_hi": exact_quantile(h_all, 1.0 - weights.cc_quantile),  # reported only
+        "region_counts": {name: int(counts[c]) for c, name in CLASS_NAMES.items()},
+        "scored_tokens": int(p_all.numel()),
+    }
+    state.update({"pass": 3, "done": len(batches)})
+    if dist is None:  # per-token data only serves a resume; a finished state stays small
+        state.update({"p": [], "h": []})
+        state.pop("onepass", None)
+
+
+def _all_signals(state: dict, dist: DistContext | None, num_batches: int) -> tuple[list, list]:
     """p and H arrays of every batch in batch order; with ranks, gathered from all of them."""
     if dist is None:
         return state["p"], state["h"]
@@ -448,7 +452,7 @@ def _all_signals(state: dict, dist: Any, num_batches: int) -> tuple[list, list]:
     return [p for p, _ in merged], [h for _, h in merged]
 
 
-def _reduced(dist: Any, state: dict) -> dict[str, Any]:
+def _reduced(dist: DistContext, state: dict) -> dict[str, Any]:
     """Accumulators summed over ranks (float64; counts stay exact integers)."""
     flat = {f"acc.{k}": v for k, v in state["acc"].items()}
     for n, half in enumerate(state["halves"]):

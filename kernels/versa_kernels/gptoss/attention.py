@@ -20,11 +20,14 @@ What is easy to get wrong:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 DEFAULT_QUERY_CHUNK = 1024
 """Queries per attention chunk: bounds the [N, chunk, T] score tensor for long blocks."""
@@ -35,9 +38,11 @@ YARN_DEFAULT_BETA_SLOW = 1.0
 __all__ = [
     "DEFAULT_QUERY_CHUNK",
     "apply_rope",
+    "banded_attention_with_sinks",
     "rms_norm",
     "rope_cos_sin",
     "sdpa_with_sinks",
+    "sdpa_with_sinks_flash",
     "sdpa_with_sinks_fused",
 ]
 
@@ -194,3 +199,137 @@ def sdpa_with_sinks_fused(
     mask = torch.cat([visible.new_ones(T, 1), visible], dim=1)  # [T, T+1], sink always visible
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sm_scale)
     return out[..., :d].transpose(1, 2).reshape(B, T, N * d)  # [B, T, N*d]
+
+
+def sdpa_with_sinks_flash(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    S: torch.Tensor,
+    *,
+    sm_scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Same result as `sdpa_with_sinks`, on fused kernels; what the model runs on CUDA in bf16.
+
+    Full causal layers: flash attention without the sink, which also returns the log-sum-exp
+    L of each row's scores; the sink is then applied exactly, since softmax over
+    [scores, S] = softmax(scores) * 1 / (1 + e^(S - L)) = softmax(scores) * sigmoid(L - S).
+    Banded layers: `banded_attention_with_sinks` (blocks of `window` queries against their
+    2 * window keys). Q [B, N, T, d], K/V [B, G, T, d], S [N] -> [B, T, N*d].
+    """
+    B, N, T, d = Q.shape
+    if sliding_window is not None and sliding_window < T:
+        if Q.is_cuda and _window_flash_usable(Q.device, Q.dtype):
+            return _flash_window_with_sinks(Q, K, V, S, sm_scale=sm_scale, window=sliding_window)
+        return banded_attention_with_sinks(Q, K, V, S, sm_scale=sm_scale, window=sliding_window)
+    G = K.shape[1]
+    k = K.repeat_interleave(N // G, dim=1)  # [B, N, T, d]
+    v = V.repeat_interleave(N // G, dim=1)  # [B, N, T, d]
+    if Q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            Q, k, v, 0.0, True, False, scale=sm_scale
+        )[:2]  # [B, N, T, d], [B, N, T] fp32
+    else:  # the same kernel family on CPU, so CPU tests exercise the sink correction
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            Q, k, v, 0.0, True, scale=sm_scale
+        )
+    keep = torch.sigmoid(lse.float() - S.float().view(1, N, 1))  # [B, N, T] mass not on the sink
+    out = out * keep.unsqueeze(-1).to(out.dtype)
+    return out.transpose(1, 2).reshape(B, T, N * d)  # [B, T, N*d]
+
+
+def banded_attention_with_sinks(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    S: torch.Tensor,
+    *,
+    sm_scale: float,
+    window: int,
+) -> torch.Tensor:
+    """Sliding-window attention with sinks by blocks: O(T * window) work, no Python loop.
+
+    Queries are cut into blocks of `window`; block j's queries can only see keys of blocks j-1
+    and j, so each block attends to a [2 * window] key slab (built as a strided view over keys
+    padded by `window` zeros in front). The mask (q - window < k <= q, no padded key) and the
+    sink column are then applied exactly as in `sdpa_with_sinks`, in the same dtypes.
+    Q [B, N, T, d], K/V [B, G, T, d], S [N] -> [B, T, N*d].
+    """
+    B, N, T, d = Q.shape
+    G, W = K.shape[1], window
+    nb = -(-T // W)  # blocks of queries
+    pad_end = nb * W - T
+    q = torch.nn.functional.pad(Q, (0, 0, 0, pad_end)).view(B, G, N // G, nb, W, d)
+    k = torch.nn.functional.pad(K, (0, 0, W, pad_end))  # [B, G, (nb+1) W, d]
+    v = torch.nn.functional.pad(V, (0, 0, W, pad_end))
+    k = k.unfold(2, 2 * W, W)  # [B, G, nb, d, 2W]: block j holds key positions (j-1)W .. (j+1)W-1
+    v = v.unfold(2, 2 * W, W).transpose(-1, -2)  # [B, G, nb, 2W, d]
+    scores = torch.matmul(q, k.unsqueeze(2)) * sm_scale  # [B, G, N/G, nb, W, 2W]
+    i = torch.arange(W, device=Q.device)[:, None]  # query offset in its block
+    s = torch.arange(2 * W, device=Q.device)[None, :]  # key slot: position (j-1)W + s
+    visible = (s > i) & (s <= i + W)  # [W, 2W]: q - W < k <= q
+    first = visible & (s >= W)  # block 0: slots < W are padding before position 0
+    mask = torch.cat([first[None], visible[None].expand(nb - 1, W, 2 * W)])  # [nb, W, 2W]
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    sinks = S.to(scores.dtype).view(1, G, N // G, 1, 1, 1).expand(*scores.shape[:-1], 1)
+    logits = torch.cat([scores, sinks], dim=-1)  # [B, G, N/G, nb, W, 2W+1]
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(logits, dim=-1)[..., :-1]  # drop the sink column
+    out = torch.matmul(probs.to(V.dtype), v.unsqueeze(2))  # [B, G, N/G, nb, W, d]
+    out = out.reshape(B, N, nb * W, d)[:, :, :T]  # [B, N, T, d]
+    return out.transpose(1, 2).reshape(B, T, N * d)
+
+
+_WINDOW_FLASH_OK: dict[tuple[torch.device, torch.dtype], bool] = {}
+WINDOW_CHECK_TOLERANCE = 2e-2
+"""Max |flash - banded| / max |banded| accepted by the one-time check (bf16 rounding)."""
+
+
+def _flash_window_with_sinks(
+    Q: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    S: torch.Tensor,
+    *,
+    sm_scale: float,
+    window: int,
+) -> torch.Tensor:
+    """Banded layers on the CUDA flash kernel's own sliding window (keys q - window < k <= q).
+
+    Same sink correction as the full layers. Q [B, N, T, d], K/V [B, G, T, d] -> [B, T, N*d].
+    """
+    B, N, T, d = Q.shape
+    G = K.shape[1]
+    q = Q.transpose(1, 2).contiguous()  # [B, T, N, d]: the flash kernel's layout
+    k = K.repeat_interleave(N // G, dim=1).transpose(1, 2).contiguous()
+    v = V.repeat_interleave(N // G, dim=1).transpose(1, 2).contiguous()
+    out, lse = torch.ops.aten._flash_attention_forward(
+        q, k, v, None, None, T, T, 0.0, True, False, scale=sm_scale,
+        window_size_left=window - 1, window_size_right=0,
+    )[:2]  # [B, T, N, d], [B, N, T]  # fmt: skip
+    keep = torch.sigmoid(lse.float() - S.float().view(1, N, 1)).transpose(1, 2)  # [B, T, N]
+    return (out * keep.unsqueeze(-1).to(out.dtype)).reshape(B, T, N * d)
+
+
+def _window_flash_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Checked once per device and dtype against `banded_attention_with_sinks` (which stays the
+    path if the kernel is missing or disagrees)."""
+    key = (device, dtype)
+    if key not in _WINDOW_FLASH_OK:
+        ok = False
+        try:
+            gen = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(1, h, 300, 64, generator=gen) for h in (8, 2, 2))
+            q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
+            sinks = torch.randn(8, generator=gen).to(device=device, dtype=dtype)
+            ref = banded_attention_with_sinks(q, k, v, sinks, sm_scale=0.125, window=128).float()
+            got = _flash_window_with_sinks(q, k, v, sinks, sm_scale=0.125, window=128).float()
+            err = ((got - ref).abs().max() / ref.abs().max()).item()
+            ok = err < WINDOW_CHECK_TOLERANCE
+            if not ok:
+                log.warning("flash sliding window disagrees with the banded path (%.2e)", err)
+        except Exception as exc:  # an older torch without window_size_left
+            log.warning("flash sliding window unavailable (%s); using the banded path", exc)
+        _WINDOW_FLASH_OK[key] = ok
+    return _WINDOW_FLASH_OK[key]

@@ -25,7 +25,14 @@ the transposes (`gate_up_proj [E, D, 2F]`, `down_proj [E, F, D]`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+from versa_kernels.gptoss.moe_triton import fused_moe_usable
+
+WeightsFor = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+"""(first, end) expert ids -> (gate_up [n, 2F, D], down [n, D, F]) of those experts."""
 
 SWIGLU_ALPHA = 1.702
 """gpt-oss's sigmoid sharpness in `gate * sigmoid(alpha * gate)` (config `swiglu_alpha`)."""
@@ -141,28 +148,37 @@ def moe_grouped(
     x: torch.Tensor,
     router_w: torch.Tensor,
     router_b: torch.Tensor,
-    gate_up: torch.Tensor,
+    gate_up: torch.Tensor | None,
     gate_up_bias: torch.Tensor,
-    down: torch.Tensor,
+    down: torch.Tensor | None,
     down_bias: torch.Tensor,
     *,
     top_k: int,
     alpha: float = SWIGLU_ALPHA,
     limit: float = SWIGLU_LIMIT,
     expert_mask: torch.Tensor | None = None,
+    fused: bool = True,
+    weights_for: WeightsFor | None = None,
+    experts_per_chunk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """MoE block, grouped by expert: each routed (token, expert) output is computed exactly once.
 
+    `weights_for(a, b)` -> (gate_up, down) of experts a..b-1: the fused CUDA path then takes the
+    experts `experts_per_chunk` at a time (MXFP4 experts are decoded chunk by chunk into a small
+    buffer: the 120b's 128 experts need 6.4 GB decoded at once, 1.6 GB in chunks of 32). Other
+    paths call it once for all experts when `gate_up` / `down` are not given.
+
     Same arguments as `moe_reference` plus `expert_mask` [E] (True = kept; masked experts get a
     router logit of -inf, which equals removing them, reference §1.10). Differentiable.
-    On CUDA in bf16 without autograd the experts run as two grouped GEMMs
-    (`_experts_grouped_gemm`); elsewhere as a loop over experts (`_experts_loop`).
+    On CUDA in bf16 without autograd the experts run as two grouped GEMMs with the Triton
+    kernels of `moe_triton` between and after them (`fused=False`: the plain-torch grouped path,
+    `_experts_grouped_gemm`, their reference); elsewhere as a loop over experts (`_experts_loop`).
 
     Returns (out [T, D], indices [T, K], gates [T, K], y_norm [T, K]) where y_norm is the L2 norm
     of each routed expert's own output y_e in fp32.
     """
     T, D = x.shape
-    num_experts = gate_up.shape[0]
+    num_experts = router_w.shape[0]
     logits = router_logits(x, router_w, router_b)  # [T, E]
     if expert_mask is not None:
         logits = logits.masked_fill(~expert_mask.to(logits.device), float("-inf"))
@@ -171,6 +187,18 @@ def moe_grouped(
     flat_expert = indices.reshape(-1)  # [T*K], assignment a = t*K + k
     order = torch.argsort(flat_expert, stable=True)  # assignments grouped by expert
     token_of = order // top_k  # [T*K] token of each grouped assignment
+    if weights_for is None:
+        if gate_up is None or down is None:
+            raise ValueError("moe_grouped needs gate_up and down, or weights_for")
+        all_gate_up, all_down = gate_up, down
+        weights_for = lambda a, b: (all_gate_up[a:b], all_down[a:b])  # noqa: E731
+    if fused and _grouped_gemm_usable(x, gate_up_bias) and fused_moe_usable(x):
+        return _moe_fused_cuda(
+            x[token_of], flat_expert[order], order, indices, gates, weights_for, gate_up_bias,
+            down_bias, alpha=alpha, limit=limit, chunk=experts_per_chunk or num_experts,
+        )  # fmt: skip
+    if gate_up is None or down is None:
+        gate_up, down = weights_for(0, num_experts)
     if _grouped_gemm_usable(x, gate_up):
         grouped = _experts_grouped_gemm(
             x[token_of], flat_expert[order], gate_up, gate_up_bias, down, down_bias,
@@ -184,6 +212,49 @@ def moe_grouped(
     y = grouped[torch.argsort(order)].view(T, top_k, D)  # [T, K, D] back in token order
     out = (y * gates.unsqueeze(-1).to(y.dtype)).sum(dim=1)  # [T, D]
     return out, indices, gates, y.detach().float().norm(dim=-1)
+
+
+def _moe_fused_cuda(
+    x_sorted: torch.Tensor,
+    expert_sorted: torch.Tensor,
+    order: torch.Tensor,
+    indices: torch.Tensor,
+    gates: torch.Tensor,
+    weights_for: WeightsFor,
+    gate_up_bias: torch.Tensor,
+    down_bias: torch.Tensor,
+    *,
+    alpha: float,
+    limit: float,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grouped path with fused bias + SwiGLU and a fused un-sort / norm / gate combine.
+
+    Rows are sorted by expert, so the rows of experts a..b-1 are one contiguous slice: each
+    chunk of experts runs its two grouped GEMMs on its own slice.
+    """
+    from versa_kernels.gptoss.moe_triton import combine, swiglu_bias
+
+    num_experts = gate_up_bias.shape[0]
+    counts = torch.bincount(expert_sorted, minlength=num_experts)  # [E]
+    ends = torch.cumsum(counts, dim=0)  # [E] end row of each expert
+    single = chunk >= num_experts
+    bounds = [] if single else [0, *ends.tolist()]  # one host sync, only when chunking
+    y = torch.empty(len(order), down_bias.shape[1], dtype=x_sorted.dtype, device=x_sorted.device)
+    for a in range(0, num_experts, chunk):
+        b = min(a + chunk, num_experts)
+        r0, r1 = (0, len(order)) if single else (bounds[a], bounds[b])
+        if r1 == r0 and not single:
+            continue  # no token routed to this chunk: skip its decode
+        gate_up, down = weights_for(a, b)  # [b-a, 2F, D], [b-a, D, F]
+        offs = (ends[a:b] - r0).to(torch.int32)  # end rows within the slice
+        h = torch._grouped_mm(x_sorted[r0:r1], gate_up.transpose(1, 2), offs=offs)  # [n, 2F]
+        z = swiglu_bias(h, gate_up_bias[a:b], expert_sorted[r0:r1] - a, alpha=alpha, limit=limit)
+        y[r0:r1] = torch._grouped_mm(z, down.transpose(1, 2), offs=offs)  # [n, D], no bias yet
+    row_of = torch.empty_like(order)
+    row_of[order] = torch.arange(order.numel(), device=order.device)  # sorted row of each (t, k)
+    out, norms = combine(y, down_bias, indices, row_of.view(indices.shape), gates)
+    return out, indices, gates, norms
 
 
 def _grouped_gemm_usable(x: torch.Tensor, gate_up: torch.Tensor) -> bool:

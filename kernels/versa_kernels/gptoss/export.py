@@ -21,6 +21,7 @@ import torch
 
 from versa_kernels.gptoss.checkpoint import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from versa_kernels.gptoss.config import CONFIG_FILE, MXFP4_QUANTIZATION_CONFIG
+from versa_kernels.gptoss.experts import MXFP4_CHECKPOINT_NAMES
 from versa_kernels.gptoss.model import GptOssModel
 from versa_kernels.gptoss.mxfp4 import VALUES_PER_BLOCK, encode_mxfp4
 
@@ -67,6 +68,9 @@ def save_mxfp4_checkpoint(
                 blocks, scales = encode_mxfp4(value.detach().float().cpu())
                 writer.add(f"{base}_blocks", blocks)  # [E, rows, cols/32, 16]
                 writer.add(f"{base}_scales", scales)  # [E, rows, cols/32]
+            elif prefix and value.dtype == torch.uint8 and leaf in MXFP4_CHECKPOINT_NAMES:
+                # Experts kept in MXFP4 (`Mxfp4Experts`): their bytes are already the format.
+                writer.add(f"{prefix}.mlp.experts.{MXFP4_CHECKPOINT_NAMES[leaf]}", value.detach())
             elif prefix and leaf in EXPERT_BIAS_NAMES:
                 writer.add(
                     f"{prefix}.mlp.experts.{EXPERT_BIAS_NAMES[leaf]}", value.detach().to(dtype)

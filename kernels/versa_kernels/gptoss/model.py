@@ -16,17 +16,21 @@ What this forward has that the transformers one does not:
 - `router_mask` emulates pruning by masking router logits (reference §1.10: equal to slicing).
 - `top_k` override to run with a different number of experts per token.
 - Logits are never materialized as [T, V] unless asked: `iter_logit_chunks` yields slices.
+- Experts can stay in MXFP4 on the GPU (`experts.Mxfp4Experts`, the default on CUDA), decoded
+  32 at a time into one shared buffer inside the MoE; on CUDA in bf16 the MoE runs grouped GEMMs
+  with fused Triton kernels (`moe_triton`) and attention runs on the flash kernel with the exact
+  sink correction (`attention.sdpa_with_sinks_flash`). Each has its plain-torch reference.
 
 What is easy to get wrong is listed in `expert_math` (router, SwiGLU) and `attention` (sinks,
-window, YaRN). Module attribute names equal the HF checkpoint tensor names, except the experts,
-which hold dequantized weights in reference orientation under the names that
+window, YaRN). Module attribute names equal the HF checkpoint tensor names, except the experts:
+dense ones hold decoded weights in reference orientation under the names that
 `Checkpoint.get_expert_weights` returns (gate_up [E, 2F, D], gate_up_bias, down [E, D, F],
-down_bias), so loading is one loop.
+down_bias); MXFP4 ones `gate_up_blocks`, `gate_up_scales`, ... (`experts.MXFP4_CHECKPOINT_NAMES`).
+Building from a checkpoint or tensors is in `loading`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,29 +39,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from versa_kernels.errors import CheckpointFormatError, ParameterError
+from versa_kernels.errors import ParameterError
 from versa_kernels.gptoss.attention import (
     DEFAULT_QUERY_CHUNK,
     apply_rope,
     rms_norm,
     rope_cos_sin,
     sdpa_with_sinks,
+    sdpa_with_sinks_flash,
     sdpa_with_sinks_fused,
 )
 from versa_kernels.gptoss.config import SLIDING, GptOssConfig
-from versa_kernels.gptoss.expert_math import (
-    moe_grouped,
-    moe_reference,
+from versa_kernels.gptoss.expert_math import moe_grouped, moe_reference
+from versa_kernels.gptoss.experts import (
+    EXPERTS_PER_DECODE,
+    DenseExperts,
+    ExpertWorkspace,
+    Mxfp4Experts,
 )
 
-EXPERT_TENSORS = ("gate_up", "gate_up_bias", "down", "down_bias")
-"""Per-layer expert tensors, dequantized, reference orientation (see Checkpoint.get_expert_weights)."""
-
-ROUTER_TENSORS = ("weight", "bias")
 FUSED_SCORE_BUDGET_BYTES = 1 << 30
 """Largest [B, N, T, T+1] score tensor the fused attention may build on CPU."""
-MAX_LISTED_NAMES = 5
-"""How many missing/unexpected tensor names a load error lists."""
+
+FEW_ROWS_PER_EXPERT = 4
+"""Below this many routed rows per expert, MXFP4 experts are decoded only where hit."""
 
 __all__ = ["ForwardOutput", "GptOssModel", "MoeTrace"]
 
@@ -137,7 +142,11 @@ class Attention(nn.Module):
         # bounds memory instead (CUDA kernels never materialize them).
         score_bytes = B * self.num_heads * T * (T + 1) * q.element_size()
         fits = q.is_cuda or score_bytes <= FUSED_SCORE_BUDGET_BYTES
-        if fused and q.dtype == torch.float32 and fits:
+        if fused and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+            out = sdpa_with_sinks_flash(
+                q, k, v, self.sinks, sm_scale=scale, sliding_window=self.sliding_window
+            )  # [B, T, N*d]: flash kernel + exact sink correction, banded blocks when sliding
+        elif fused and q.dtype == torch.float32 and fits:
             out = sdpa_with_sinks_fused(
                 q, k, v, self.sinks, sm_scale=scale, sliding_window=self.sliding_window
             )  # [B, T, N*d]
@@ -163,56 +172,63 @@ class Router(nn.Module):
         self.bias = nn.Parameter(torch.empty(num_experts))
 
 
-class Experts(nn.Module):
-    """Dequantized expert weights, reference orientation (output-major)."""
-
-    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
-        super().__init__()
-        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
-        self.gate_up_bias = nn.Parameter(torch.empty(num_experts, 2 * intermediate))
-        self.down = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
-        self.down_bias = nn.Parameter(torch.empty(num_experts, hidden))
-
-
 class MoeBlock(nn.Module):
-    """Router + experts of one layer; `forward` is the grouped path, `reference` the plain loop."""
+    """Router + experts of one layer; `forward` is the grouped path, `reference` the plain loop.
 
-    def __init__(self, config: GptOssConfig, num_experts: int) -> None:
+    `workspace` is the model's shared decode buffer (MXFP4 experts decode into it; a plain
+    attribute, so it is neither a submodule nor saved).
+    """
+
+    def __init__(
+        self, config: GptOssConfig, num_experts: int, *, mxfp4: bool, workspace: ExpertWorkspace
+    ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.router = Router(num_experts, config.hidden_size)
-        self.experts = Experts(num_experts, config.hidden_size, config.intermediate_size)
+        holder = Mxfp4Experts if mxfp4 else DenseExperts
+        self.experts = holder(num_experts, config.hidden_size, config.intermediate_size)
         self.alpha = config.swiglu_alpha
         self.limit = config.swiglu_limit
+        self.workspace = workspace
 
     def forward(
         self, x: torch.Tensor, *, top_k: int, expert_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         e = self.experts
+        if isinstance(e, Mxfp4Experts):  # decoded by moe_grouped, a chunk of experts at a time
+            gate_up = down = None
+            # Few routed rows (a decode step): decode only the experts that were hit, one by one.
+            few = x.shape[0] * top_k < FEW_ROWS_PER_EXPERT * self.num_experts
+            chunk = 1 if few else EXPERTS_PER_DECODE
+        else:
+            (gate_up, down), chunk = e.weights(None), 0
         return moe_grouped(
             x,
             self.router.weight,
             self.router.bias,
-            e.gate_up,
+            gate_up,
             e.gate_up_bias,
-            e.down,
+            down,
             e.down_bias,
             top_k=top_k,
             alpha=self.alpha,
             limit=self.limit,
             expert_mask=expert_mask,
+            weights_for=lambda a, b: e.weights(self.workspace, a, b),
+            experts_per_chunk=chunk,
         )
 
     def reference(self, x: torch.Tensor, *, top_k: int) -> torch.Tensor:
         """The plain loop (`moe_reference`) on this block's weights; the yardstick for `forward`."""
         e = self.experts
+        gate_up, down = e.weights(self.workspace)
         return moe_reference(
             x,
             self.router.weight,
             self.router.bias,
-            e.gate_up,
+            gate_up,
             e.gate_up_bias,
-            e.down,
+            down,
             e.down_bias,
             top_k=top_k,
             alpha=self.alpha,
@@ -223,22 +239,38 @@ class MoeBlock(nn.Module):
 class DecoderLayer(nn.Module):
     """x += Attn(RMSNorm(x)); x += MoE(RMSNorm(x))."""
 
-    def __init__(self, config: GptOssConfig, layer: int, num_experts: int) -> None:
+    def __init__(
+        self,
+        config: GptOssConfig,
+        layer: int,
+        num_experts: int,
+        *,
+        mxfp4: bool,
+        workspace: ExpertWorkspace,
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MoeBlock(config, num_experts)
+        self.mlp = MoeBlock(config, num_experts, mxfp4=mxfp4, workspace=workspace)
 
 
 class Backbone(nn.Module):
     """Holds the `model.*` tensors (embeddings, layers, final norm) under their HF names."""
 
-    def __init__(self, config: GptOssConfig, experts_per_layer: Sequence[int]) -> None:
+    def __init__(
+        self,
+        config: GptOssConfig,
+        experts_per_layer: Sequence[int],
+        *,
+        mxfp4: bool,
+        workspace: ExpertWorkspace,
+    ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, n) for i, n in enumerate(experts_per_layer)
+            DecoderLayer(config, i, n, mxfp4=mxfp4, workspace=workspace)
+            for i, n in enumerate(experts_per_layer)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -247,7 +279,11 @@ class GptOssModel(nn.Module):
     """gpt-oss causal LM forward; see the module docstring for what it exposes."""
 
     def __init__(
-        self, config: GptOssConfig, *, experts_per_layer: Sequence[int] | None = None
+        self,
+        config: GptOssConfig,
+        *,
+        experts_per_layer: Sequence[int] | None = None,
+        mxfp4_experts: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
@@ -260,9 +296,12 @@ class GptOssModel(nn.Module):
         # fp32 attention through torch's fused SDPA with the sink as an extra key: 4x faster than
         # the chunked reference on CPU at T=2048 (1.86 s -> 0.44 s, trained tiny model) and
         # equal to it within 1e-4 (tests/test_forward.py). The reference stays the yardstick
-        # and runs for bf16 and where the fused score tensor would be too big (Attention).
+        # and runs where the fused score tensor would be too big (Attention). On CUDA in bf16
+        # the flash path (`attention.sdpa_with_sinks_flash`) runs instead.
         self.fused_attention = True
-        self.model = Backbone(config, counts)
+        self.mxfp4_experts = mxfp4_experts
+        self.expert_workspace = ExpertWorkspace()
+        self.model = Backbone(config, counts, mxfp4=mxfp4_experts, workspace=self.expert_workspace)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     # ----------------------------------------------------------------- construction
@@ -275,58 +314,24 @@ class GptOssModel(nn.Module):
         device: str | torch.device = "cpu",
         top_k: int | None = None,
         experts_keep: Sequence[Sequence[int]] | None = None,
+        expert_format: str = "auto",
     ) -> GptOssModel:
-        """Load an HF-layout MXFP4 (or bf16) gpt-oss checkpoint through `Checkpoint`.
+        """Load an HF-layout MXFP4 (or bf16) gpt-oss checkpoint; see `loading.load_checkpoint`."""
+        from versa_kernels.gptoss.loading import load_checkpoint
 
-        `experts_keep[layer]` lists the expert ids to keep in that layer (physical pruning at
-        load); `top_k` overrides `num_experts_per_tok`. Tensors go to `device` one at a time and
-        experts are decoded layer by layer in `dtype`, so host memory peaks near one layer's
-        experts (20b in fp32 would otherwise need ~76 GB of host RAM).
-        """
-        from versa_kernels.gptoss.checkpoint import Checkpoint  # heavy I/O deps stay lazy
-
-        checkpoint = Checkpoint(path)
-        config = checkpoint.config
-        tensors: dict[str, torch.Tensor] = {}
-        for name in checkpoint.names():
-            if ".mlp.experts." not in name:
-                tensors[name] = checkpoint.get(name).to(
-                    device=device, dtype=_dtype_for(name, dtype)
-                )
-        for layer in range(config.num_hidden_layers):
-            weights = checkpoint.get_expert_weights(layer, dtype=dtype)
-            for key, value in weights.items():
-                tensors[f"model.layers.{layer}.mlp.experts.{key}"] = value.to(device)
-        checkpoint.close()
-        return cls.from_tensors(
-            config, tensors, dtype=dtype, device=device, top_k=top_k, experts_keep=experts_keep
-        )
+        return load_checkpoint(
+            cls, path, dtype=dtype, device=device, top_k=top_k, experts_keep=experts_keep,
+            expert_format=expert_format,
+        )  # fmt: skip
 
     @classmethod
     def from_hf_state_dict(
         cls, config: GptOssConfig, state_dict: Mapping[str, torch.Tensor], **kwargs: Any
     ) -> GptOssModel:
-        """Build from a transformers `GptOssForCausalLM.state_dict()` (dequantized experts).
+        """Build from a transformers `GptOssForCausalLM.state_dict()` (dequantized experts)."""
+        from versa_kernels.gptoss.loading import from_hf_state_dict
 
-        transformers stores experts input-major (`gate_up_proj [E, D, 2F]`, `down_proj
-        [E, F, D]`); they are transposed to reference orientation here.
-        """
-        renames = {
-            "mlp.experts.gate_up_proj": ("mlp.experts.gate_up", True),
-            "mlp.experts.gate_up_proj_bias": ("mlp.experts.gate_up_bias", False),
-            "mlp.experts.down_proj": ("mlp.experts.down", True),
-            "mlp.experts.down_proj_bias": ("mlp.experts.down_bias", False),
-        }
-        tensors: dict[str, torch.Tensor] = {}
-        for name, value in state_dict.items():
-            prefix, _, leaf = name.rpartition(".mlp.experts.")
-            key = f"mlp.experts.{leaf}"
-            if prefix and key in renames:
-                new_key, transpose = renames[key]
-                tensors[f"{prefix}.{new_key}"] = value.transpose(1, 2) if transpose else value
-            else:
-                tensors[name] = value
-        return cls.from_tensors(config, tensors, **kwargs)
+        return from_hf_state_dict(cls, config, state_dict, **kwargs)
 
     @classmethod
     def from_tensors(
@@ -340,67 +345,12 @@ class GptOssModel(nn.Module):
         experts_keep: Sequence[Sequence[int]] | None = None,
     ) -> GptOssModel:
         """Build on `meta`, then load `tensors` (this module's names) strictly onto `device`."""
-        tensors = dict(tensors)
-        counts = list(config.experts_per_layer)
-        if not config.is_uniform:
-            # Per-layer pruned checkpoints (eaftreap.rewrite) store every layer padded to one
-            # count with masked dummy experts *after* the real ones, so stock runtimes load
-            # them; `num_local_experts_per_layer` says how many rows are real.
-            for layer, count in enumerate(counts):
-                for leaf in [f"router.{t}" for t in ROUTER_TENSORS] + [
-                    f"experts.{t}" for t in EXPERT_TENSORS
-                ]:
-                    name = f"model.layers.{layer}.mlp.{leaf}"
-                    if name in tensors and tensors[name].shape[0] > count:
-                        tensors[name] = tensors[name][:count]
-        if experts_keep is not None:
-            if len(experts_keep) != config.num_hidden_layers:
-                raise ParameterError(
-                    f"experts_keep must list kept expert ids for each of the "
-                    f"{config.num_hidden_layers} layers, got {len(experts_keep)} lists"
-                )
-            for layer, keep in enumerate(experts_keep):
-                keep_idx = torch.as_tensor(list(keep), dtype=torch.long)
-                if (
-                    keep_idx.numel() == 0
-                    or int(keep_idx.max()) >= counts[layer]
-                    or int(keep_idx.min()) < 0
-                ):
-                    raise ParameterError(
-                        f"experts_keep[{layer}] must be non-empty ids in [0, {counts[layer]}), got {list(keep)}"
-                    )
-                for leaf in [f"router.{t}" for t in ROUTER_TENSORS] + [
-                    f"experts.{t}" for t in EXPERT_TENSORS
-                ]:
-                    name = f"model.layers.{layer}.mlp.{leaf}"
-                    if name in tensors:
-                        tensors[name] = tensors[name].index_select(0, keep_idx)
-                counts[layer] = keep_idx.numel()
-            # The config describes the model as built: sliced counts, max as num_local_experts.
-            config = dataclasses.replace(
-                config, experts_per_layer=tuple(counts), num_local_experts=max(counts)
-            )
-        with torch.device("meta"):
-            model = cls(config, experts_per_layer=counts)
-        expected = dict(model.state_dict())
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise CheckpointFormatError(
-                f"checkpoint tensors do not match the gpt-oss layout: missing {missing[:MAX_LISTED_NAMES]}"
-                f" ({len(missing)}), unexpected {unexpected[:MAX_LISTED_NAMES]} ({len(unexpected)})"
-            )
-        converted = {}
-        for name, meta in expected.items():
-            value = tensors[name]
-            if tuple(value.shape) != tuple(meta.shape):
-                raise CheckpointFormatError(
-                    f"tensor {name} has shape {tuple(value.shape)}, config implies {tuple(meta.shape)}"
-                )
-            converted[name] = value.to(device=device, dtype=_dtype_for(name, dtype))
-        model.load_state_dict(converted, strict=True, assign=True)
-        model.set_top_k(top_k if top_k is not None else config.num_experts_per_tok)
-        return model.eval()
+        from versa_kernels.gptoss.loading import from_tensors
+
+        return from_tensors(
+            cls, config, tensors, dtype=dtype, device=device, top_k=top_k,
+            experts_keep=experts_keep,
+        )  # fmt: skip
 
     def set_top_k(self, top_k: int) -> None:
         """Route each token to `top_k` experts; must not exceed the experts of any layer."""
@@ -491,8 +441,3 @@ class GptOssModel(nn.Module):
         flat = hidden.reshape(-1, hidden.shape[-1])  # [B*T, D]
         for start in range(0, flat.shape[0], chunk_tokens):
             yield start, self.lm_head(flat[start : start + chunk_tokens])  # [c, V]
-
-
-def _dtype_for(name: str, dtype: torch.dtype) -> torch.dtype:
-    """Norm gains stay fp32 whatever the model dtype (like transformers' _keep_in_fp32_modules)."""
-    return torch.float32 if name.endswith("norm.weight") else dtype
