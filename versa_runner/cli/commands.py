@@ -26,6 +26,7 @@ from versa_runner.runs.journal import RunRecord
 from versa_runner.runs.prepare import remote_prepare
 from versa_runner.runs.secrets import collect_job_environment
 from versa_runner.runs.status import RunState, RunStatus, read_status
+from versa_runner.target.layout import OUTPUT_DIRS
 
 INTERRUPTED_EXIT = 130  # what a shell reports for Ctrl-C
 
@@ -171,7 +172,7 @@ def cmd_sync(ctx: Context) -> int:
     a = ctx.args
     record = ctx.record(a.run)
     only = [item.strip() for item in a.only.split(",") if item.strip()]
-    allowed = set(sync.OUTPUT_DIRS) | set(sync.RUN_FILES)
+    allowed = set(OUTPUT_DIRS) | set(sync.RUN_FILES)
     for item in only:
         if item not in allowed:
             raise UsageError(

@@ -116,7 +116,8 @@ def load_local_manifest(dest_root: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+        manifest: dict[str, Any] = json.load(fh)
+    return manifest
 
 
 def fetch_file(backend: Backend, entry: ManifestEntry, target: Path) -> int:

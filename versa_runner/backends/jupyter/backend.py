@@ -176,7 +176,8 @@ class JupyterBackend:
     def api_status(self) -> dict[str, Any]:
         """`GET /api/status`: the cheapest authenticated call (reachability + auth)."""
         self._check_open()
-        return self.http.request("GET", "/api/status").json()
+        status: dict[str, Any] = self.http.request("GET", "/api/status").json()
+        return status
 
     def delete_kernel(self, kernel_id: str) -> None:
         """Delete a kernel by id; a job it launched keeps running (own process session)."""
