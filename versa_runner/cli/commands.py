@@ -36,7 +36,7 @@ def _outcome(ctx: Context, backend: Backend, record: RunRecord, status: RunStatu
     prints the command that comes next."""
     logs_hint = f"`versa-run logs {record.run_id} --tail 60` shows the error."
     if status.state is RunState.SUCCEEDED:
-        ctx.out.next_steps(next_steps.after_success(backend, record))
+        ctx.out.next_steps(next_steps.after_success(backend, record, local_dir=ctx.output_dir))
         return 0
     if status.state is RunState.BOOTSTRAP_FAILED:
         raise BootstrapError(f"run {record.run_id}: bootstrap failed")
@@ -121,10 +121,13 @@ def cmd_status(ctx: Context) -> int:
     record = ctx.record(ctx.args.run)
     with ctx.backend_for(record) as backend:
         status = read_status(backend, record)
-    if status.state is RunState.UNREACHABLE:  # the last state seen stays in the journal
-        raise UnreachableError(f"run {record.run_id}: its target {record.target} does not answer")
-    ctx.remember(record, status)
     ctx.out.status(record, status)
+    if status.state is RunState.UNREACHABLE:  # the last state seen stays in the journal
+        error = UnreachableError(f"run {record.run_id}: its target {record.target} does not answer")
+        if not ctx.out.json_mode:  # --json: the status object above says `unreachable`
+            ctx.out.error(error)
+        return int(error.exit_code)
+    ctx.remember(record, status)
     return 0
 
 

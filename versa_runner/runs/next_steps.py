@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 from typing import Any
 
 from versa_runner.backends.base import Backend
@@ -46,14 +47,21 @@ def written_paths(backend: Backend, record: RunRecord) -> list[str]:
         return []
 
 
-def after_success(backend: Backend, record: RunRecord) -> list[str]:
-    """The commands that follow a succeeded run of `record.task` (empty when none does)."""
+def after_success(
+    backend: Backend, record: RunRecord, *, local_dir: Path | None = None
+) -> list[str]:
+    """The commands that follow a succeeded run of `record.task` (empty when none does).
+
+    `local_dir` is where `sync` puts the run's files on this machine (the output directory):
+    paths of files the next command reads here are given under it.
+    """
     written = written_paths(backend, record)
     if record.task.startswith(BUILD_PREFIX):
         return _after_build(backend, record, written)
     if record.task == EAFT_TASK:
         jsons = [p for p in written if p.startswith(f"{EAFT_DIR}/") and p.endswith(".json")]
-        return [summarize_command(BASE_PLACEHOLDER, path, record.run_id) for path in jsons]
+        here = [_local(path, local_dir) for path in jsons]
+        return [summarize_command(BASE_PLACEHOLDER, path, record.run_id) for path in here]
     return []
 
 
@@ -62,6 +70,17 @@ def summarize_command(left: str, right: str, run_id: str) -> str:
     out_md = f"reports/eaft_pair_{run_id}.md"
     return (f"versa-run summarize --left-json {shlex.quote(left)} --right-json "
             f"{shlex.quote(right)} --out-md {out_md}")  # fmt: skip
+
+
+def _local(relative: str, local_dir: Path | None) -> str:
+    """`relative` under `local_dir`, written relative to the cwd when it lies below it."""
+    if local_dir is None:
+        return relative
+    path = local_dir / relative
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _after_build(backend: Backend, record: RunRecord, written: list[str]) -> list[str]:
