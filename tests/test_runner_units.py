@@ -13,7 +13,7 @@ import pytest
 from runner_support import LAUNCHER
 
 from versa_runner.backends.local import LocalBackend
-from versa_runner.errors import TransferError, UnsafePathError, UsageError
+from versa_runner.errors import UnsafePathError, UsageError
 from versa_runner.runs import journal, lifecycle, logs, sync
 from versa_runner.runs.journal import RunRecord
 from versa_runner.runs.secrets import Redactor, collect_job_environment, encode_secrets_env
@@ -154,16 +154,15 @@ def test_sync_transfers_changes_once_and_resumes(tmp_path: Path) -> None:
     third = sync.sync_run(backend, record, dest)
     assert third.transferred == ["artifacts/sub/big.bin"] and third.bytes_transferred == 150_000
     assert (dest / "artifacts/sub/big.bin").read_bytes() == new and not part.exists()
-    # A corrupt partial download fails the checksum and is removed, never renamed into place.
+    # A corrupt partial download fails the checksum: it is discarded, never renamed into
+    # place, and the file is fetched once more from byte 0 in the same sync.
     (target_root / "reports/r.md").write_text("changed\n")
     (dest / "reports/r.md.part").write_text("WRONG!!")
-    with pytest.raises(TransferError, match="sha256 mismatch"):
-        sync.sync_run(backend, record, dest)
+    assert sync.sync_run(backend, record, dest).transferred == ["reports/r.md"]
     assert (
         not (dest / "reports/r.md.part").exists()
-        and (dest / "reports/r.md").read_text() == "report ✓\n"
+        and (dest / "reports/r.md").read_text() == "changed\n"
     )
-    assert sync.sync_run(backend, record, dest).transferred == ["reports/r.md"]
 
 
 def test_sync_on_local_target_transfers_nothing(tmp_path: Path) -> None:

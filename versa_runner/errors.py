@@ -11,7 +11,9 @@ The tree, drawn once::
     │   ├── AuthError              exit 3   401/403: the URL credential or token expired
     │   └── PreflightError         exit 3   python/papermill/disk/GPU check refused the target
     ├── TransferError              exit 3   upload/download failed or a checksum did not match
-    │   └── UnsafePathError        exit 3   a remote path escapes its destination
+    │   ├── UnsafePathError        exit 3   a remote path escapes its destination
+    │   ├── DiskFullError          exit 3   no room for a download (the `.part` is kept)
+    │   └── SyncIncompleteError    exit 3   a sync refused or failed some names; the rest is done
     ├── RunStateError              exit 4   run lost (its directory is gone) or stale (no heartbeat)
     ├── JobFailedError             exit 1   the notebook failed; carries the job's exit code
     ├── BootstrapError             exit 5   target bootstrap (pip installs, env) failed
@@ -131,6 +133,21 @@ class UnsafePathError(TransferError):
     """A remote-supplied path is absolute, contains `..`, or is a link leaving the destination."""
 
     default_hint = "The remote manifest or archive is not trustworthy; nothing was written."
+
+
+class DiskFullError(TransferError):
+    """The local disk cannot hold what a sync must download (checked first, and on ENOSPC)."""
+
+    default_hint = (
+        "Free space there (or pass --dest on a larger disk) and re-run `versa-run sync RUN`: "
+        "partial downloads are kept and resumed."
+    )
+
+
+class SyncIncompleteError(TransferError):
+    """A sync refused or could not verify some names; every other name is synced and verified."""
+
+    default_hint = "The lines above name each file and why; the rest of the sync is complete."
 
 
 class RunStateError(VersaRunError):

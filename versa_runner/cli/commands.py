@@ -4,26 +4,32 @@ into calls of `versa_runner.runs` and lines of `Output`. Expected failures raise
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from versa_runner import tasks
+from versa_runner.backends import choose_target
 from versa_runner.backends.base import Backend
 from versa_runner.cli.context import Context
 from versa_runner.errors import (
     BootstrapError,
     JobFailedError,
     RunStateError,
+    TargetError,
     UnreachableError,
     UsageError,
+    VersaRunError,
 )
-from versa_runner.runs import journal, lifecycle, logs, next_steps, sync
+from versa_runner.runs import journal, lifecycle, logs, next_steps, resume, sync
 from versa_runner.runs.journal import RunRecord
-from versa_runner.runs.prepare import remote_prepare
+from versa_runner.runs.prepare import PROJECT_ROOT, remote_prepare
 from versa_runner.runs.secrets import collect_job_environment
 from versa_runner.runs.status import RunState, RunStatus, read_status
 from versa_runner.target.layout import OUTPUT_DIRS
@@ -83,6 +89,7 @@ def cmd_submit(ctx: Context) -> int:
             settings=settings, save=lambda r: journal.save_record(ctx.output_dir, r),
             prepare=remote_prepare(backend, task_name, a.profile, ctx.out.transfer),
         )  # fmt: skip
+        _keep_submission(ctx, record, notebook, params)
         ctx.out.submitted(record, detached=not a.no_detach)
         if a.no_detach:
             status = _follow(ctx, backend, record, offset=0)
@@ -93,6 +100,30 @@ def cmd_submit(ctx: Context) -> int:
             ctx.out.status(record, status)
             return _outcome(ctx, backend, record, status)
     return 0
+
+
+def _keep_submission(
+    ctx: Context,
+    record: RunRecord,
+    notebook: Path,
+    params: dict[str, Any],
+    *,
+    resumed_from: str | None = None,
+) -> None:
+    """Keep what `versa-run resume` needs to submit this run again (issue 14). The job is
+    already launched: a failure here only costs the ability to resume, so it is a warning."""
+    a = ctx.args
+    try:
+        code = resume.keep_code(ctx.output_dir, PROJECT_ROOT)
+    except (VersaRunError, OSError) as exc:
+        ctx.out.info(f"warning: run {record.run_id} cannot be resumed later: {exc}")
+        return
+    resume.remember_submission(ctx.output_dir, resume.Submission(
+        run_id=record.run_id, task=record.task, notebook=resume.archive_member(notebook, PROJECT_ROOT),
+        params=params, code_sha256=code.sha256, env_pairs=list(a.env), secret_names=list(a.secret),
+        kernel_name=a.kernel_name, execution_timeout_s=a.execution_timeout, profile=a.profile,
+        resumed_from=resumed_from,
+    ))  # fmt: skip
 
 
 def _follow(ctx: Context, backend: Backend, record: RunRecord, *, offset: int) -> RunStatus | None:
@@ -187,10 +218,23 @@ def cmd_sync(ctx: Context) -> int:
     selection = sync.Selection(only=tuple(only), include=tuple(a.include),
                                exclude=tuple(a.exclude), with_checkpoints=a.with_checkpoints)  # fmt: skip
     with ctx.backend_for(record) as backend:
-        ctx.out.synced(sync.sync_run(backend, record, dest, selection=selection))
-        if a.watch is None:
-            return 0
-        return _watch_sync(ctx, backend, record, dest, selection=selection, every_s=a.watch * 60)
+        try:
+            result = sync.sync_run(backend, record, dest, selection=selection, verify=a.verify)
+            ctx.out.synced(result)
+            if a.watch is None:
+                result.raise_if_incomplete()
+                return 0
+            return _watch_sync(ctx, backend, record, dest, selection=selection,
+                               every_s=a.watch * 60)  # fmt: skip
+        except TargetError as exc:  # a watched session may be gone for good: how the run goes on
+            if (
+                a.watch is not None
+                and dest == ctx.output_dir
+                and _has_resumable_state(dest, record.task)
+            ):
+                exc.hint = (f"The state synced so far is under {dest}: `versa-run resume "
+                            f"{record.run_id}` with the new target's flags continues from it.")  # fmt: skip
+            raise
 
 
 def _watch_sync(
@@ -207,8 +251,17 @@ def _watch_sync(
     except KeyboardInterrupt:
         ctx.out.interrupted(record.run_id)
         return INTERRUPTED_EXIT
-    ctx.out.synced(sync.sync_run(backend, record, dest, selection=selection))
+    last = sync.sync_run(backend, record, dest, selection=selection)
+    ctx.out.synced(last)
+    last.raise_if_incomplete()
     return 0
+
+
+def _has_resumable_state(dest: Path, task: str) -> bool:
+    try:
+        return bool(resume.resumable_state(dest, task))
+    except UsageError:
+        return False
 
 
 def cmd_kill(ctx: Context) -> int:
@@ -228,4 +281,62 @@ def cmd_kill(ctx: Context) -> int:
         status = lifecycle.kill(backend, record, grace_s=a.grace)
     ctx.remember(record, status)
     ctx.out.status(record, status)
+    return 0
+
+
+def cmd_resume(ctx: Context) -> int:
+    """Submit a run again (same task, parameters and code) to the same or a new target, upload
+    its synced resumable state, and let the job continue from it (issue 14)."""
+    a = ctx.args
+    old = ctx.record(a.run)
+    sub = resume.load_submission(ctx.output_dir, old.run_id)
+    archive = resume.code_archive(ctx.output_dir, sub)
+    states = resume.resumable_state(ctx.output_dir, sub.task)
+    if not states:
+        raise UsageError(f"run {old.run_id}: no resumable state under {ctx.output_dir}",
+                         hint="`versa-run sync RUN --watch MIN` brings it home while the run's "
+                              "target lives; without it, submit the task again.")  # fmt: skip
+    job_env = collect_job_environment(secret_names=sub.secret_names, env_pairs=sub.env_pairs,
+                                      environ=os.environ)  # fmt: skip
+    for value in job_env.secrets.values():
+        ctx.out.redact.add(value)
+    settings = lifecycle.Settings.from_env(dict(os.environ), kernel_name=sub.kernel_name,
+                                           execution_timeout_s=sub.execution_timeout_s)  # fmt: skip
+    # Target flags name a new target; without them the run goes back where it ran.
+    same_target = old.backend != "local" and choose_target(ctx.target_options()) == "local"
+    with ctx.backend_for(old) if same_target else ctx.target_backend() as backend:
+        if (
+            backend.name == "local"
+            and resume.keep_code(ctx.output_dir, PROJECT_ROOT).sha256 != sub.code_sha256
+        ):
+            raise UsageError(f"run {old.run_id}: the checkout's code changed since it was submitted, "
+                             "and a local run imports the checkout",
+                             hint="Resume on a remote target (it gets the run's own code), or "
+                                  "restore the code.")  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="versa-resume-") as tmp:
+            notebook = resume.notebook_from_archive(archive, sub.notebook, Path(tmp))
+            root = Path(backend.root())
+            with ctx.out.transfer(f"uploading the resumable state of {old.run_id}") as progress:
+                for rel, path in states:
+                    if backend.name != "local" or (root / rel).resolve() != path.resolve():
+                        backend.put_file(path, rel, progress=progress)
+            record = lifecycle.submit(
+                backend, task=sub.task, notebook_path=notebook, params=sub.params,
+                job_env=job_env, settings=settings,
+                save=lambda r: journal.save_record(ctx.output_dir, r),
+                prepare=remote_prepare(backend, sub.task, sub.profile, ctx.out.transfer,
+                                       archive=archive),
+            )  # fmt: skip
+        resume.remember_submission(ctx.output_dir, dataclasses.replace(
+            sub, run_id=record.run_id, resumed_from=old.run_id))  # fmt: skip
+        ctx.out.info(f"run {record.run_id} continues {old.run_id} from "
+                     f"{', '.join(rel for rel, _ in states)}")  # fmt: skip
+        ctx.out.submitted(record, detached=not a.no_detach)
+        if a.no_detach:
+            status = _follow(ctx, backend, record, offset=0)
+            if status is None:
+                return INTERRUPTED_EXIT
+            ctx.out.synced(sync.sync_run(backend, record, ctx.output_dir))
+            ctx.out.status(record, status)
+            return _outcome(ctx, backend, record, status)
     return 0

@@ -24,6 +24,7 @@ COMMANDS: dict[str, Callable[[Context], int]] = {
     "wait": commands.cmd_wait,
     "sync": commands.cmd_sync,
     "kill": commands.cmd_kill,
+    "resume": commands.cmd_resume,
     "list": tools.cmd_list,
     "doctor": tools.cmd_doctor,
     "fixtures": tools.cmd_fixtures,

@@ -260,8 +260,14 @@ class Output:
         if self.json_mode:
             self.emit_json({"transferred": result.transferred, "skipped": len(result.skipped),
                             "bytes_transferred": result.bytes_transferred,
-                            "notebook": str(result.notebook_copy) if result.notebook_copy else None})  # fmt: skip
+                            "notebook": str(result.notebook_copy) if result.notebook_copy else None,
+                            "repaired": result.repaired,
+                            "refused": [{"path": r.path, "reason": r.reason} for r in result.refused]})  # fmt: skip
             return
+        for path in result.repaired:
+            self._line(f"local copy of {path} no longer matched the target's sha256: fetched again")
+        for refusal in result.refused:
+            self._line(refusal.line(), style="yellow")
         self._line(f"synced: {len(result.transferred)} file(s) transferred "
                    f"({result.bytes_transferred} bytes), {len(result.skipped)} unchanged")  # fmt: skip
         if result.notebook_copy is not None:

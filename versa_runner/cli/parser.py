@@ -21,6 +21,7 @@ VERBS = (
     "wait",
     "sync",
     "kill",
+    "resume",
     "list",
     "doctor",
     "fixtures",
@@ -49,6 +50,8 @@ tasks: """
     "  versa-run sync RUN --with-checkpoints           # also the pruned *.safetensors\n"
     "  versa-run sync last --watch 10",
     "kill": "examples:\n  versa-run kill RUN\n  versa-run kill RUN --grace 5 --yes",
+    "resume": "examples:\n  versa-run resume RUN                       # back to the run's own target\n"
+    "  versa-run resume RUN --url-file ~/.new_kaggle_url --no-detach",
     "list": "examples:\n  versa-run list\n  versa-run list --json",
     "doctor": "examples:\n  versa-run doctor\n  versa-run doctor --url-file ~/.kaggle_url\n"
     "  versa-run doctor --ssh me@gpu-box:2222 --ssh-accept-new",
@@ -158,9 +161,14 @@ def build_parser() -> _Parser:
                              help="skip paths matching GLOB (repeatable)")
             sub.add_argument("--watch", type=float, default=None, metavar="MIN",
                              help="sync again every MIN minutes until the run ends (a session that dies keeps what was synced)")
+            sub.add_argument("--verify", action="store_true",
+                             help="re-hash every local copy against the target's sha256 (not only changed ones)")
         if name == "kill":
             sub.add_argument("--grace", type=float, default=30.0, metavar="S", help="seconds between SIGTERM and SIGKILL")
             sub.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    resume = verb("resume", "submit a run again (same task, parameters, code) and continue from its synced state")
+    resume.add_argument("run", nargs="?", default=None, metavar="RUN", help=RUN_HELP)
+    resume.add_argument("--no-detach", action="store_true", help="stream the log, wait, sync, exit with the job's code")
     verb("list", "list runs in the journal, newest first: state, duration, target")
     verb("doctor", "check the target: python, papermill, disk, GPUs")
     fixtures = verb("fixtures", "write a tiny gpt-oss model or calibration packs", add_help=False)

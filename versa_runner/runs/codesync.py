@@ -128,12 +128,14 @@ def stage_code(
     *,
     trees: Sequence[str] = DEFAULT_TREES,
     progress: ProgressFn | None = None,
+    archive: CodeArchive | None = None,
 ) -> str:
     """Make the code tree present on the target; returns its absolute directory there.
 
-    Skips the upload when the target already holds this exact archive's tree.
+    Skips the upload when the target already holds this exact archive's tree. `archive`: ship
+    this one (a resumed run's own code) instead of building one from `project_root`.
     """
-    archive = build_archive(project_root, work_dir, trees=trees)
+    archive = archive or build_archive(project_root, work_dir, trees=trees)
     code_dir = f"{CODE_DIR}/{archive.name}"
     absolute = str(PurePosixPath(backend.root()) / code_dir)
     if _synced_sha256(backend, code_dir) == archive.sha256:

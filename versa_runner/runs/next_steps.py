@@ -92,9 +92,10 @@ def _after_build(backend: Backend, record: RunRecord, written: list[str]) -> lis
             manifest: dict[str, Any] = json.loads(raw or b"{}")
         except ValueError:
             continue
+        # The index maps each variant to its checkpoint dir; an older manifest held whole docs.
         variants = manifest.get("variants") or {manifest.get("variant_name", "pruned"): manifest}
         for name, variant in variants.items():
-            out_dir = variant.get("out_dir")
+            out_dir = variant.get("out_dir") if isinstance(variant, dict) else variant
             if out_dir:
                 commands.append(
                     f"versa-run --task {EAFT_TASK} --model-id {shlex.quote(str(name))} "

@@ -24,9 +24,12 @@ TransferProgress = Callable[[str], AbstractContextManager[ProgressFn | None]]
 
 def remote_prepare(
     backend: Backend, task_name: str, profile: str, transfer: TransferProgress,
-    *, project_root: Path = PROJECT_ROOT,
+    *, project_root: Path = PROJECT_ROOT, archive: codesync.CodeArchive | None = None,
 ) -> Callable[[dict[str, Any]], LaunchAdditions] | None:  # fmt: skip
-    """The prepare step for `backend`: sync the code tree, plan the bootstrap (remote only)."""
+    """The prepare step for `backend`: sync the code tree, plan the bootstrap (remote only).
+
+    `archive`: the code to ship (a resumed run's own), instead of the checkout's current tree.
+    """
     if backend.name == "local":
         return None
 
@@ -34,7 +37,7 @@ def remote_prepare(
         with tempfile.TemporaryDirectory(prefix="versa-code-") as work_dir:
             with transfer("uploading code") as progress:
                 code_dir = codesync.stage_code(
-                    backend, project_root, Path(work_dir), progress=progress
+                    backend, project_root, Path(work_dir), progress=progress, archive=archive
                 )
         plan = bootstrap.plan_bootstrap(
             profile=profile,

@@ -4,6 +4,7 @@ the small steps of a verified upload (standard library only; see `ops` for how t
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import fnmatch
 import json
@@ -29,7 +30,11 @@ def manifest(args: dict[str, Any]) -> dict[str, Any]:
     `with_checkpoints`, the checkpoint shards are dropped, all before anything is hashed.
 
     Hashing is the slow part (a pruned checkpoint under artifacts/ is many GB), so a cache on
-    the target (path -> size, mtime, sha256) rehashes only files whose size or mtime changed.
+    the target keeps each file's sha256 with its size, mtime, inode and ctime and rehashes
+    unless all four match (ctime moves on every write or `utime`, so a same-size rewrite with
+    its mtime put back is hashed again). Symlinks are not followed; one that leads out of the
+    root, and a name that is not UTF-8, is listed under `refused` with its reason. Transfer
+    temporaries are skipped.
     """
     root = args["root"]
     cache_path = os.path.join(root, layout.MANIFEST_CACHE)
@@ -38,28 +43,34 @@ def manifest(args: dict[str, Any]) -> dict[str, Any]:
             cache = json.load(fh)
     except (OSError, ValueError):
         cache = {}
-    found = walk(root, args["dirs"])
+    entries: list[dict[str, Any]] = []
+    refused: list[dict[str, str]] = []
+    found = walk(root, args["dirs"], refused)
     if args.get("run_dir"):
         found = written_by(root, args["run_dir"], found)
-    wanted = [rel for rel in found + list(args["files"]) if _selected(rel, args)]
-    entries: list[dict[str, Any]] = []
+    extra = [f for f in args["files"] if f not in found]
+    wanted = [rel for rel in found + extra if _selected(rel, args)]
     for rel in wanted:
+        if _refuse_link(root, rel, refused) or _refuse_name(rel, refused):
+            continue
         entry = _entry(root, rel, cache)
         if entry is not None:
-            cache[rel] = entry
             entries.append(entry)
     try:
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
         files.atomic_write_text(cache_path, json.dumps(cache))
     except OSError:
         pass  # the cache only saves time
-    return {"entries": entries}
+    return {"entries": entries, "refused": refused}
 
 
 def _selected(rel: str, args: dict[str, Any]) -> bool:
     name = rel.rsplit("/", 1)[-1]
-    if not args.get("with_checkpoints") and any(
-        fnmatch.fnmatch(name, pattern) for pattern in layout.CHECKPOINT_GLOBS
+    resumable = any(fnmatch.fnmatch(rel, pattern) for pattern in layout.RESUME_STATE_GLOBS)
+    if (
+        not args.get("with_checkpoints")
+        and not resumable
+        and any(fnmatch.fnmatch(name, pattern) for pattern in layout.CHECKPOINT_GLOBS)
     ):
         return False
     include, exclude = args.get("include") or [], args.get("exclude") or []
@@ -109,19 +120,51 @@ def epoch(stamp: str) -> float:
     return parsed.timestamp()
 
 
-def walk(root: str, dirs: list[str]) -> list[str]:
-    """Root-relative paths of the regular files under `dirs` (no symlinked dirs, no temps)."""
+def walk(root: str, dirs: list[str], refused: list[dict[str, str]] | None = None) -> list[str]:
+    """Root-relative paths of the regular files under `dirs` (no symlinked dirs, no temps);
+    symlinks leading out of the root are added to `refused` when given."""
+    refused = [] if refused is None else refused
     found = []
     for top in dirs:
+        if _refuse_link(root, top, refused):
+            continue
         for dirpath, dirnames, filenames in os.walk(os.path.join(root, top)):  # no dir symlinks
             dirnames.sort()
+            for name in dirnames:  # listed, never entered: only report those leaving the root
+                _refuse_link(root, _rel(root, dirpath, name), refused)
             for name in sorted(filenames):
                 if name.endswith(PART_SUFFIX) or (name.startswith(".") and name.endswith(".tmp")):
                     continue
-                found.append(
-                    os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
-                )
+                found.append(_rel(root, dirpath, name))
     return found
+
+
+def _rel(root: str, dirpath: str, name: str) -> str:
+    return os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
+
+
+def _refuse_link(root: str, rel: str, refused: list[dict[str, str]]) -> bool:
+    """True (and a refusal) when `rel` is a symlink resolving outside the root."""
+    full = os.path.join(root, rel)
+    if not os.path.islink(full):
+        return False
+    real_root = os.path.realpath(root)
+    points_to = os.path.realpath(full)
+    if os.path.commonpath([real_root, points_to]) != real_root:
+        refused.append({"path": rel, "reason": f"a symlink to {points_to}, outside the target "
+                        "root: not followed"})  # fmt: skip
+        return True
+    return False
+
+
+def _refuse_name(rel: str, refused: list[dict[str, str]]) -> bool:
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        refused.append({"path": shown, "reason": "the name is not valid UTF-8"})
+        return True
+    return False
 
 
 def _entry(root: str, rel: str, cache: dict[str, Any]) -> dict[str, Any] | None:
@@ -129,11 +172,13 @@ def _entry(root: str, rel: str, cache: dict[str, Any]) -> dict[str, Any] | None:
     if os.path.islink(full) or not os.path.isfile(full):
         return None
     info = os.stat(full)
+    key = [info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns]
     known = cache.get(rel)
-    if known and known["size_bytes"] == info.st_size and known["mtime"] == info.st_mtime:
+    if isinstance(known, dict) and known.get("key") == key and known.get("sha256"):
         sha = known["sha256"]
     else:
         sha = files.sha256_of(full)
+    cache[rel] = {"key": key, "sha256": sha}
     return {"path": rel, "size_bytes": info.st_size, "mtime": info.st_mtime, "sha256": sha}
 
 
@@ -200,6 +245,19 @@ def find_root(args: dict[str, Any]) -> str | None:
             os.unlink(os.path.join(candidate, probe))
             return candidate
     return None
+
+
+def read_chunk(args: dict[str, Any]) -> dict[str, Any]:
+    """Base64 of at most `length` bytes of `root/path` from `offset` (for names the file APIs
+    refuse, such as hidden ones on jupyter_server); `missing` when there is no such file."""
+    path = os.path.join(args["root"], args["path"])
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(args["offset"])
+            data = fh.read(args["length"])
+    except FileNotFoundError:
+        return {"missing": True, "data": ""}
+    return {"missing": False, "data": base64.b64encode(data).decode("ascii")}
 
 
 def sha256(args: dict[str, Any]) -> str:

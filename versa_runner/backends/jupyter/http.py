@@ -31,6 +31,7 @@ from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
 import requests
+import urllib3
 
 from versa_runner.backends.base import ProgressFn, RemoteStat
 from versa_runner.backends.jupyter.url import JupyterTarget
@@ -147,6 +148,7 @@ class JupyterHttp:
             requests.ConnectionError,
             requests.Timeout,
             requests.exceptions.ChunkedEncodingError,
+            urllib3.exceptions.HTTPError,  # raw reads of a streamed body (downloads)
         ) as exc:
             raise UnreachableError(
                 f"{what} on {self.target.redacted_url} failed: {type(exc).__name__}"
@@ -291,7 +293,8 @@ class JupyterHttp:
                         f"download of {path!r} kept failing at byte {offset}"
                     ) from exc
                 log.info("download of %s cut at byte %d; resuming", path, offset)
-                time.sleep(self.retry.delay_s(failures + 1))
+                if failures:  # a cut after progress is retried at once: the link works
+                    time.sleep(self.retry.delay_s(failures))
 
     def _download_once(
         self, path: str, dest: Path, offset: int, progress: ProgressFn | None
@@ -312,9 +315,13 @@ class JupyterHttp:
             with open(dest, "r+b" if dest.exists() else "wb") as fh:
                 fh.seek(offset)
                 fh.truncate()
+                # read1 hands over what has arrived, so a cut loses no byte already received
+                # (iter_content fills a whole block first and drops it on IncompleteRead).
+                read = resp.raw.read1
                 with self._translate(f"GET /files/{path}"):
-                    for block in resp.iter_content(DOWNLOAD_READ_BYTES):
+                    while block := read(DOWNLOAD_READ_BYTES):
                         fh.write(block)
+                        fh.flush()
                         if progress is not None:
                             progress(len(block))
 
