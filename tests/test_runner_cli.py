@@ -61,7 +61,9 @@ sys.meta_path.insert(0, _NoGpuExtra())
 
 @pytest.mark.parametrize("argv", [["fixtures", "packs"], ["fixtures", "model"]])
 def test_gpu_command_on_host_only_install_names_the_extra(argv: list[str], tmp_path) -> None:
-    code = f"from versa_runner.cli import main\nsys.exit(main({argv + [str(tmp_path / 'out')]!r}))\n"
+    code = (
+        f"from versa_runner.cli import main\nsys.exit(main({argv + [str(tmp_path / 'out')]!r}))\n"
+    )
     result = subprocess.run(
         [sys.executable, "-c", BLOCK_GPU_EXTRA + code], capture_output=True, text=True, timeout=60
     )
