@@ -113,8 +113,13 @@ def test_each_step_names_the_next_command(tmp_path: Path, capsys: pytest.Capture
     (tmp_path / manifest_path).parent.mkdir(parents=True)
     variants = {"k075": {"out_dir": "/data/pruned k075"}, "k060": {"out_dir": "/data/k060"}}
     (tmp_path / manifest_path).write_text(json.dumps({"variants": variants}))
+    variant_manifest = "artifacts/20b_pruned_models_eaftreap_keepfrac/k075/manifest.json"
+    (tmp_path / variant_manifest).parent.mkdir(parents=True)
+    (tmp_path / variant_manifest).write_text(
+        json.dumps({"variant_name": "k075", **variants["k075"]})
+    )
     build = _record(tmp_path, "20260101T000000Z-aaaaaa", "build_pruned_20b_eaftreap_keepfrac")
-    _finished_run(tmp_path, build, [manifest_path], started)
+    _finished_run(tmp_path, build, [manifest_path, variant_manifest], started)  # same k075 twice
     eaft_json = "artifacts/eaft_models/20260102T000000Z-bbbbbb/k075.json"
     eaft = _record(tmp_path, "20260102T000000Z-bbbbbb", "eaft_single")
     _finished_run(tmp_path, eaft, [eaft_json, "reports/notebooks/x.ipynb"], started)
@@ -127,6 +132,13 @@ def test_each_step_names_the_next_command(tmp_path: Path, capsys: pytest.Capture
             f"versa-run summarize --left-json BASE_EAFT.json --right-json {eaft_json} "
             f"--out-md reports/eaft_pair_{eaft.run_id}.md"
         ]
+        base = tmp_path / "artifacts/eaft_models/20260101T120000Z-eeeeee/base.json"
+        base.parent.mkdir(parents=True)
+        base.write_text("{}")  # collected earlier and synced here: the base to compare with
+        (tmp_path / eaft_json).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / eaft_json).write_text("{}")
+        [command] = next_steps.after_success(backend, eaft, local_dir=tmp_path)
+        assert f"--left-json {base} --right-json {tmp_path / eaft_json}" in command
     journal.save_record(tmp_path, build)
     assert versa_run(["--output-dir", str(tmp_path), "wait", build.run_id]) == 0
     out = capsys.readouterr().out

@@ -2,7 +2,8 @@
 
 - a build (`build_pruned_*`) that succeeded: `eaft_single` on each pruned checkpoint it wrote
   (paths from the build's `manifest.json`), so its statistics can be compared with the base's;
-- an `eaft_single` run that succeeded: `summarize` of the base's JSON against the JSON it wrote;
+- an `eaft_single` run that succeeded: `summarize` of the base's JSON (the newest other
+  eaft_single JSON already here, else a placeholder) against the JSON it wrote;
 - a FAIL verdict of `summarize`: the playbook's next deterministic levers (seed 000 §5), with
   the flags that pull them.
 
@@ -60,9 +61,23 @@ def after_success(
         return _after_build(backend, record, written)
     if record.task == EAFT_TASK:
         jsons = [p for p in written if p.startswith(f"{EAFT_DIR}/") and p.endswith(".json")]
+        base = _earlier_eaft_json(local_dir, exclude=jsons) or BASE_PLACEHOLDER
         here = [_local(path, local_dir) for path in jsons]
-        return [summarize_command(BASE_PLACEHOLDER, path, record.run_id) for path in here]
+        return [summarize_command(base, path, record.run_id) for path in here]
     return []
+
+
+def _earlier_eaft_json(local_dir: Path | None, *, exclude: list[str]) -> str | None:
+    """The newest eaft_single JSON of another run already here: the playbook collects the
+    base model first, so it is the base to compare the candidate with."""
+    if local_dir is None:
+        return None
+    skip = {local_dir / path for path in exclude}
+    found = [p for p in local_dir.glob(f"{EAFT_DIR}/*/*.json") if p not in skip and p.is_file()]
+    if not found:
+        return None
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    return _local(str(newest.relative_to(local_dir)), local_dir)
 
 
 def summarize_command(left: str, right: str, run_id: str) -> str:
@@ -97,10 +112,10 @@ def _after_build(backend: Backend, record: RunRecord, written: list[str]) -> lis
         for name, variant in variants.items():
             out_dir = variant.get("out_dir") if isinstance(variant, dict) else variant
             if out_dir:
-                commands.append(
-                    f"versa-run --task {EAFT_TASK} --model-id {shlex.quote(str(name))} "
-                    f"--model-path {shlex.quote(str(out_dir))}"
-                )
+                command = (f"versa-run --task {EAFT_TASK} --model-id {shlex.quote(str(name))} "
+                           f"--model-path {shlex.quote(str(out_dir))}")  # fmt: skip
+                if command not in commands:  # the index and the variant's own manifest agree
+                    commands.append(command)
     return commands
 
 
