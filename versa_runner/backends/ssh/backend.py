@@ -2,12 +2,12 @@
 
 Transport only (see `backends.base`); where the host is and whether to trust its key is
 `backends.ssh.target`. Files move over SFTP: uploads go to `<name>.<hex>.part`, are checked by
-sha256 (small files read back over SFTP, larger ones hashed by a snippet on the host: OpenSSH
+sha256 (small files read back over SFTP, larger ones hashed by `fileops.sha256` on the host: OpenSSH
 has no SFTP `check-file` extension, orchestration_anchors §5.2), then renamed with
 `posix-rename@openssh.com`; downloads seek to the resume offset and prefetch from there.
-`run_python` execs `<python> -` in the target root with the snippet written to the channel's
-stdin, so no snippet ever shows in a remote `ps`. The job outlives this connection because the
-launch snippet starts the launcher in its own process session (lifecycle), not because of
+`run_python` execs `<python> -` in the target root with the program written to the channel's
+stdin, so no program ever shows in a remote `ps`. The job outlives this connection because the
+launch op starts the launcher in its own process session (lifecycle), not because of
 anything here. A connection that drops is re-opened by the next call (read-only calls retry
 once), so a follower polling status rides over it.
 """
