@@ -61,12 +61,14 @@ def program(call: str, args: dict[str, object]) -> str:
     if module not in MODULES or not function:
         raise ValueError(f"unknown target call {call!r}; modules: {', '.join(MODULES)}")
     sources = [(name, module_source(name)) for name in MODULES]
+    # `_pkg.<module>.<function>(` appears verbatim in the program: tests that forge a target's
+    # reply to one op recognise the op by it.
     body = (
         "from __future__ import annotations\n"
         "import json\n"
         f"{inspect.getsource(install)}\n"
-        f"pkg = install({PACKAGE!r}, {sources!r})\n"
-        f"pkg.reply.emit(pkg.{module}.{function}(json.loads({json.dumps(args)!r})))\n"
+        f"_pkg = install({PACKAGE!r}, {sources!r})\n"
+        f"_pkg.reply.emit(_pkg.{module}.{function}(json.loads({json.dumps(args)!r})))\n"
     )
     # Its own globals: on a kernel the user also works in (--kernel-id), nothing is left behind.
     return f"exec(compile({body!r}, {PROGRAM_NAME!r}, 'exec'), {{'__name__': {PROGRAM_NAME!r}}})\n"
