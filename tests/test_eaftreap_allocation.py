@@ -10,6 +10,7 @@ from versa_kernels.eaftreap.allocation import (
     core_experts,
     neff,
     select_experts,
+    share_keep_counts,
     uniform_keep_n,
 )
 from versa_kernels.errors import ParameterError
@@ -109,3 +110,36 @@ def test_playbook_defaults_are_feasible_and_a_cap_above_e_is_the_effective_e() -
     assert (plan.min_keep, plan.max_keep, plan.budget) == (16, 32, 576)
     small = check_feasible(num_layers=4, num_experts=8, top_k=4, keep_frac=0.75, max_keep=32)
     assert small.max_keep == 8 and small.min_keep == 4
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_share_budget_is_one_global_ranking_of_layer_shares(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    conc = rng.uniform(0.2, 3.0, size=24)
+    mass = np.stack([rng.dirichlet(np.full(32, c)) * 10 ** (i / 6) for i, c in enumerate(conc)])
+    plan = _plan(min_keep=4)
+    counts = share_keep_counts(mass, plan)
+    assert sum(counts) == plan.budget and all(4 <= c <= 32 for c in counts)
+    # Brute force: every layer's top min_keep, then the largest remaining shares over all layers.
+    shares = mass / mass.sum(axis=1, keepdims=True)
+    rest = np.sort(np.concatenate([np.sort(r)[::-1][4:] for r in shares]))[::-1]
+    threshold = rest[plan.budget - 24 * 4 - 1]  # the smallest share that was still kept
+    for layer, c in enumerate(counts):
+        ordered = np.sort(shares[layer])[::-1]
+        assert c == 4 or ordered[c - 1] >= threshold
+        assert c == 32 or ordered[c] <= threshold
+    # Scale-free: multiplying one layer's mass changes nothing.
+    scaled = mass.copy()
+    scaled[3] *= 1e6
+    assert share_keep_counts(scaled, plan) == counts
+
+
+def test_share_budget_gives_a_concentrated_layer_fewer_experts() -> None:
+    flat, peaked = np.ones(16), np.array([100.0] * 4 + [1.0] * 12)
+    plan = check_feasible(num_layers=2, num_experts=16, top_k=4, keep_frac=0.625)
+    assert share_keep_counts([flat, peaked], plan) == [16, 4]  # budget 20
+    assert share_keep_counts([np.zeros(16), peaked], plan) == [16, 4]  # no mass = uniform shares
+    uniform = check_feasible(
+        num_layers=2, num_experts=16, top_k=4, keep_frac=0.625, layout="uniform"
+    )
+    assert share_keep_counts([flat, peaked], uniform) == [12, 12]  # multiple of 4

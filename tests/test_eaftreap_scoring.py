@@ -206,3 +206,22 @@ class TestOnGpu:
             assert diff <= rtol * scale, (
                 f"{dtype}: max diff {diff:.3g}, mean {np.abs(gpu.gate_norm_sum - cpu.gate_norm_sum).mean():.3g}"
             )
+
+
+def test_score_keys_are_totals_or_per_hit_means() -> None:
+    from versa_kernels.eaftreap.scoring import SCORE_KEYS
+
+    acc = ExpertAccumulators.zeros(1, 3)
+    idx = torch.tensor([[0, 1], [0, 2], [0, 1]])  # 3 positions, top-2
+    gates = torch.tensor([[0.6, 0.4], [0.9, 0.1], [0.5, 0.5]])
+    norms = torch.tensor([[2.0, 4.0], [1.0, 8.0], [3.0, 6.0]])
+    acc.add(0, idx, gates, norms, torch.tensor([1.0, -2.0, 0.25]))
+    assert acc.score("count").tolist() == [[3.0, 2.0, 1.0]]
+    assert acc.score("norm_mean") == pytest.approx(np.array([[2.0, 5.0, 8.0]]))  # EAN, no gate
+    assert acc.score("saliency_mean") == pytest.approx(np.array([[3.6 / 3, 4.6 / 2, 0.8]]))
+    assert acc.score("eaft_gate_norm_sum") == pytest.approx(
+        np.array([[1.2 - 1.8 + 0.375, 1.6 + 0.75, -1.6]])
+    )
+    assert set(SCORE_KEYS) >= {"eaft_gate_norm_sum", "saliency_mean", "count", "norm_mean"}
+    with pytest.raises(ValueError, match="score_key"):
+        acc.score("nope")

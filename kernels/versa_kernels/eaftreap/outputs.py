@@ -100,7 +100,7 @@ def plot_allocation(
     layers = np.arange(len(keep_counts))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
     ax1.bar(layers, keep_counts, color="tab:blue", label="kept experts")
-    ax1.plot(layers, neff, "o-", color="tab:orange", label="neff (score spread)")
+    ax1.plot(layers, neff, "o-", color="tab:orange", label="neff (routing-count spread)")
     ax1.axhline(num_experts, color="grey", linestyle="--", linewidth=1, label="experts in base")
     ax1.set_xlabel("layer")
     ax1.set_ylabel("experts")

@@ -48,15 +48,22 @@ SCORE_KEYS = (
     "gate_norm_sum",
     "eaft_saliency_mean",
     "saliency_mean",
+    "norm_mean",
     "pos_gate_norm_sum",
     "norm_sum",
     "gate_sum",
     "count",
 )
 """Ranking keys: the EAFT-weighted total (default), REAP's per-token mean ``saliency_mean``,
-selection frequency ``count``, and the other accumulators (totals, or ``*_mean`` per hit)."""
+selection frequency ``count``, the mean expert-output norm without the gate ``norm_mean`` (EAN,
+the REAP paper's activation-norm baseline), and the other accumulators (totals, or ``*_mean``
+per hit)."""
 
-MEAN_KEYS = {"saliency_mean": "gate_norm_sum", "eaft_saliency_mean": "eaft_gate_norm_sum"}
+MEAN_KEYS = {
+    "saliency_mean": "gate_norm_sum",
+    "eaft_saliency_mean": "eaft_gate_norm_sum",
+    "norm_mean": "norm_sum",
+}
 
 __all__ = [
     "MEAN_KEYS",
