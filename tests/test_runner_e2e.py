@@ -118,6 +118,8 @@ def test_raising_cell_fails_no_detach_with_evidence(tmp_path: Path) -> None:
     status = cli(["status", run_id], tmp_path, env)
     assert "failed" in status.stdout and "exit_code=1" in status.stdout
     assert "cell 3/5 completed; cell 4 failed" in status.stdout
+    followed = cli(["logs", run_id, "--follow"], tmp_path, env)  # exits with the outcome, as wait
+    assert followed.returncode == 1 and "deliberate failure" in followed.stdout
 
 
 def test_exit_codes_of_sys_exit_and_a_dead_kernel(tmp_path: Path) -> None:
@@ -186,6 +188,7 @@ def test_kill_ends_the_whole_process_group(tmp_path: Path) -> None:
         killed = cli(["kill", run_id, "--grace", "10", "--yes"], tmp_path, env)
         assert killed.returncode == 0, killed.stderr
         assert "killed" in killed.stdout
+        assert "running" not in killed.stdout and "cell 4 interrupted" in killed.stdout
         wait_for(lambda: not pids_in_group(pgid), 10, "the launcher group to be empty")
         for pid in (papermill_pid, kernel_pid, child_pid):
             wait_for(lambda pid=pid: not pid_alive(pid), 10, f"pid {pid} to end")

@@ -63,6 +63,17 @@ def test_program_runs_an_op_in_a_bare_interpreter(tmp_path: Path) -> None:
         bundle.program("os.system", {})
 
 
+def test_program_leaves_nothing_in_the_namespace_it_runs_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    user_namespace = {"install": "the user's own variable"}  # a reused notebook kernel
+    exec(bundle.program("fileops.sha256", {"root": str(PACKAGE_DIR), "path": "reply.py"}),
+         user_namespace)  # fmt: skip
+    assert set(user_namespace) == {"install", "__builtins__"}
+    assert user_namespace["install"] == "the user's own variable"
+    assert len(reply.parse(capsys.readouterr().out)) == 64
+
+
 def test_reply_parse_needs_the_sentinel_line() -> None:
     assert reply.parse(f'noise {{"a": 1}}\n{reply.SENTINEL}{{"a": 2}}\n') == {"a": 2}
     with pytest.raises(reply.MissingReply) as caught:

@@ -305,3 +305,21 @@ def test_summarize_runs_without_torch(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_fail_verdict_names_the_playbook_levers(tmp_path, capsys):
+    from versa_runner.cli import main as versa_run
+
+    left = _write(tmp_path, "l.json", _run())
+    right = _write(tmp_path, "r.json", _set(_run(), "UNION", "ppl", 7.0))
+    args = ["summarize", "--left-json", left, "--out-md", str(tmp_path / "s.md"), "--right-json"]
+    assert versa_run(args + [right]) == 1
+    out = capsys.readouterr().out
+    assert "Gate near-lossless-v1: FAIL" in out and "next levers (playbook §5" in out
+    for flag in ("--num-rows", "--min-keep-per-layer", "--core-pos-top-m"):
+        assert flag in out, flag
+    assert versa_run(args + [left]) == 0
+    assert "levers" not in capsys.readouterr().out  # a PASS needs no lever
+    assert versa_run(["--json", *args, right]) == 1
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["passed"] is False and len(verdict["levers"]) == 3

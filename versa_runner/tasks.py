@@ -93,7 +93,7 @@ def notebook_parameters(path: Path) -> dict[str, str]:
     """Names and source text of the assignments in a notebook's `parameters` cell."""
     import nbformat  # only the notebook checks need it; `versa-run --help` stays light
 
-    notebook = nbformat.read(path, as_version=nbformat.NO_CONVERT)
+    notebook = nbformat.read(path, as_version=nbformat.NO_CONVERT)  # type: ignore[no-untyped-call]
     cells = [c for c in notebook.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     if len(cells) != 1:
         raise ConfigError(f"{path}: expected one cell tagged `parameters`, found {len(cells)}")
@@ -123,7 +123,7 @@ def notebook_mismatches(task: Task, path: Path | None = None) -> list[str]:
     if not problems and notebook_owner(task.notebook) is task:
         import nbformat
 
-        notebook = nbformat.read(path, as_version=nbformat.NO_CONVERT)
+        notebook = nbformat.read(path, as_version=nbformat.NO_CONVERT)  # type: ignore[no-untyped-call]
         cell = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
         if "".join(cell.source) != parameters_cell(task):
             problems.append(f"{path.name}: parameters cell differs from tasks.parameters_cell"
@@ -187,9 +187,9 @@ _MODEL_PATH = Param("--model-path", "str", KAGGLE_20B_PATH, "checkpoint director
 _BATCH = Param("--batch-size", "int", 1, "sequences per forward batch", low=1, high=4096)
 _PACKS_REPO = Param("--calib-packs-repo", "str", CALIB_PACKS_REPO, "HF dataset repo of calibration packs")
 _PACK_FILES = Param("--calib-pack-files", "str_csv", CALIB_PACK_FILES, "pack parquet files in the repo")
-_COUNT = {"low": 1, "high": 4096}  # expert counts and multiples
+_COUNT: dict[str, Any] = {"low": 1, "high": 4096}  # expert counts and multiples
 _GPUS = Param("--gpus", "int", 1, "GPUs of the host to spread batches over (torchrun ranks)", low=1, high=64)
-_TOKENS = {"low": 1, "high": 1_048_576}  # token lengths
+_TOKENS: dict[str, Any] = {"low": 1, "high": 1_048_576}  # token lengths
 
 
 def _build_params(*, keep_frac: Param, layout_default: str) -> tuple[Param, ...]:

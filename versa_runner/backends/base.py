@@ -84,6 +84,14 @@ class Backend(Protocol):
         """Release connections; using the backend afterwards raises RuntimeError."""
         ...
 
+    def __enter__(self) -> Backend:
+        """Use as a context manager; `close()` on exit."""
+        ...
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close the backend."""
+        ...
+
 
 def call_target(backend: Backend, call: str, args: dict[str, Any], *, timeout_s: float) -> Any:
     """Run one op of `versa_runner.target` (e.g. `"ops.kill"`) on the target; its reply.

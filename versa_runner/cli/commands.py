@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -31,6 +32,7 @@ from versa_runner.runs.journal import RunRecord
 from versa_runner.runs.prepare import PROJECT_ROOT, remote_prepare
 from versa_runner.runs.secrets import collect_job_environment
 from versa_runner.runs.status import RunState, RunStatus, read_status
+from versa_runner.target.layout import OUTPUT_DIRS
 
 INTERRUPTED_EXIT = 130  # what a shell reports for Ctrl-C
 
@@ -40,7 +42,7 @@ def _outcome(ctx: Context, backend: Backend, record: RunRecord, status: RunStatu
     prints the command that comes next."""
     logs_hint = f"`versa-run logs {record.run_id} --tail 60` shows the error."
     if status.state is RunState.SUCCEEDED:
-        ctx.out.next_steps(next_steps.after_success(backend, record))
+        ctx.out.next_steps(next_steps.after_success(backend, record, local_dir=ctx.output_dir))
         return 0
     if status.state is RunState.BOOTSTRAP_FAILED:
         raise BootstrapError(f"run {record.run_id}: bootstrap failed")
@@ -104,7 +106,7 @@ def _keep_submission(
     ctx: Context,
     record: RunRecord,
     notebook: Path,
-    params: dict,
+    params: dict[str, Any],
     *,
     resumed_from: str | None = None,
 ) -> None:
@@ -134,9 +136,9 @@ def _follow(ctx: Context, backend: Backend, record: RunRecord, *, offset: int) -
         journal.save_record(ctx.output_dir, record)
 
     try:
-        status = logs.follow(
-            backend, record, emit=ctx.out.log_text, offset=offset, on_offset=keep_offset
-        )
+        patience_s = lifecycle.Settings.from_env(dict(os.environ)).unreachable_patience_s
+        status = logs.follow(backend, record, emit=ctx.out.log_text, offset=offset,
+                             on_offset=keep_offset, patience_s=patience_s)  # fmt: skip
     except KeyboardInterrupt:
         journal.save_record(ctx.output_dir, record)
         ctx.out.interrupted(record.run_id)
@@ -150,10 +152,13 @@ def cmd_status(ctx: Context) -> int:
     record = ctx.record(ctx.args.run)
     with ctx.backend_for(record) as backend:
         status = read_status(backend, record)
-    if status.state is RunState.UNREACHABLE:  # the last state seen stays in the journal
-        raise UnreachableError(f"run {record.run_id}: its target {record.target} does not answer")
-    ctx.remember(record, status)
     ctx.out.status(record, status)
+    if status.state is RunState.UNREACHABLE:  # the last state seen stays in the journal
+        error = UnreachableError(f"run {record.run_id}: its target {record.target} does not answer")
+        if not ctx.out.json_mode:  # --json: the status object above says `unreachable`
+            ctx.out.error(error)
+        return int(error.exit_code)
+    ctx.remember(record, status)
     return 0
 
 
@@ -201,7 +206,7 @@ def cmd_sync(ctx: Context) -> int:
     a = ctx.args
     record = ctx.record(a.run)
     only = [item.strip() for item in a.only.split(",") if item.strip()]
-    allowed = set(sync.OUTPUT_DIRS) | set(sync.RUN_FILES)
+    allowed = set(OUTPUT_DIRS) | set(sync.RUN_FILES)
     for item in only:
         if item not in allowed:
             raise UsageError(

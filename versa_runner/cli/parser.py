@@ -84,9 +84,9 @@ def option_strings(parser: argparse.ArgumentParser) -> list[str]:
 
 
 # fmt: off
-def _common_options() -> argparse.ArgumentParser:
+def _common_options() -> _Parser:
     """Global options, accepted before or after the verb (absent unless given: SUPPRESS)."""
-    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    common = _Parser(add_help=False, allow_abbrev=False)
     s = argparse.SUPPRESS
     common.add_argument("--output-dir", default=s, help="where artifacts/, reports/ and the journal live (default: .)")
     common.add_argument("--json", action="store_true", default=s, help="machine-readable output")
@@ -105,7 +105,7 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     """The whole command line: global options, verbs in workflow order, each with Examples."""
     common = _common_options()
     fmt = argparse.RawDescriptionHelpFormatter

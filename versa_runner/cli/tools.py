@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+from typing import NoReturn
 
 from versa_runner.backends.base import Backend
 from versa_runner.backends.local import LocalBackend
@@ -68,7 +69,7 @@ def cmd_fixtures(ctx: Context) -> int:
         _raise_missing_extra(exc)
 
 
-def _raise_missing_extra(exc: ModuleNotFoundError) -> None:
+def _raise_missing_extra(exc: ModuleNotFoundError) -> NoReturn:
     if exc.name is None or exc.name.split(".")[0] in ("versa_runner", "versa_kernels"):
         raise exc
     raise MissingExtraError("versa-run fixtures", exc.name.split(".")[0]) from exc

@@ -8,11 +8,14 @@ difference). matplotlib is imported lazily; without it the report says plots wer
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from versa_runner.fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:
     from versa_runner.parity.summarize import PairRow, PairSummary
@@ -161,7 +164,9 @@ def write_plots(
             ax.set_ylabel("H_top20 / ln 20")
         fig.suptitle(f"pack={row.pack} seq={row.seq}")
         name = f"{_safe(row.pack)}_{row.seq}.png"
-        fig.savefig(plot_dir / name, dpi=PLOT_DPI)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=PLOT_DPI)
+        atomic_write_bytes(plot_dir / name, png.getvalue())  # a reader never sees half a PNG
         plt.close(fig)
         written[key] = f"{plot_dir.name}/{name}"
     return written, ""

@@ -229,7 +229,8 @@ def compare_runs(left: dict[str, Any], right: dict[str, Any], gates: Gates) -> P
     hero = tuple(
         r for r in rows if r.pack == gates.primary_pack and r.seq in gates.primary_seq_lens
     )
-    failures, warnings = [], []
+    failures: list[str] = []
+    warnings: list[str] = []
     for row in rows:
         failed = [c for c in row.checks(gates) if not c.ok]
         if not failed:

@@ -51,7 +51,6 @@ GPU_REQUIREMENTS: Mapping[str, str] = {
     "numpy": "numpy>=1.26",
     "safetensors": "safetensors>=0.4",
     "matplotlib": "matplotlib>=3.8",
-    "tqdm": "tqdm>=4.66",
 }
 DATA_REQUIREMENTS: Mapping[str, str] = {
     "pyarrow": "pyarrow>=14",

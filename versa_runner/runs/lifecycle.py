@@ -102,7 +102,9 @@ def run_dir_of(run_id: str) -> str:
 
 def preflight(backend: Backend, *, min_free_gb: float) -> dict[str, Any]:
     """Check python, papermill, ipykernel and free disk on the target; refuse early."""
-    info = call_target(backend, "ops.preflight", {"root": backend.root()}, timeout_s=OP_TIMEOUT_S)
+    info: dict[str, Any] = call_target(
+        backend, "ops.preflight", {"root": backend.root()}, timeout_s=OP_TIMEOUT_S
+    )
     free_gb = info["free_bytes"] / 1e9
     if not info["papermill"] or not info["ipykernel"]:
         missing = [n for n in ("papermill", "ipykernel") if not info[n]]
@@ -164,7 +166,8 @@ def launch(backend: Backend, run_dir: str) -> dict[str, Any]:
     """Start the launcher in its own session on the target (idempotent per run dir)."""
     root = PurePosixPath(backend.root())
     args = {"run_dir": str(root / run_dir), "cwd": str(root)}
-    return call_target(backend, "ops.launch", args, timeout_s=OP_TIMEOUT_S)
+    reply: dict[str, Any] = call_target(backend, "ops.launch", args, timeout_s=OP_TIMEOUT_S)
+    return reply
 
 
 def submit(

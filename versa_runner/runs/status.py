@@ -134,10 +134,10 @@ def read_status(
             else RunState.STARTING
         )
         return status
-    age = status.heartbeat_age_s
-    if age is None:  # the launcher writes its first heartbeat right after status.json
-        age = now() - _timestamp(str(info.get("started_at", record.created_at)))
-    stale = age > STALE_AFTER_HEARTBEATS * interval
+    beat_age = status.heartbeat_age_s
+    if beat_age is None:  # the launcher writes its first heartbeat right after status.json
+        beat_age = now() - _timestamp(str(info.get("started_at", record.created_at)))
+    stale = beat_age > STALE_AFTER_HEARTBEATS * interval
     status.state = RunState.STALE if stale else RunState.RUNNING
     return status
 
@@ -158,7 +158,7 @@ def read_progress(backend: Backend, record: RunRecord) -> Progress | None:
     import nbformat  # only status reads notebooks; keeps other commands light
 
     try:
-        notebook = nbformat.reads(raw.decode("utf-8"), as_version=nbformat.NO_CONVERT)
+        notebook = nbformat.reads(raw.decode("utf-8"), as_version=nbformat.NO_CONVERT)  # type: ignore[no-untyped-call]
     except (ValueError, UnicodeDecodeError):  # papermill rewrites in place: a torn read is retried
         return None
     # papermill inserts an error banner cell on failure; count the notebook's code cells only

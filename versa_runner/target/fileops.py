@@ -18,7 +18,7 @@ from . import files, layout
 
 PART_SUFFIX = ".part"
 KAGGLE_ROOT = "/kaggle/working"
-MTIME_SLACK_S = 2.0  # coarse filesystem timestamps (FAT, some overlays) round down
+MTIME_SLACK_S = 0.1  # file times come from a coarse kernel clock, a few ms behind time.time()
 
 
 def manifest(args: dict[str, Any]) -> dict[str, Any]:

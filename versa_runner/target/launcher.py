@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
 from . import fileops, files, proc
 from .layout import (
@@ -107,12 +108,13 @@ class Launcher:
     def _path(self, name: str) -> str:
         return os.path.join(self.run_dir, name)
 
-    def _read_launch_config(self) -> dict[str, object]:
+    def _read_launch_config(self) -> dict[str, Any]:
         path = os.path.join(self.run_dir, LAUNCH_FILE)
         if not os.path.exists(path):
             return {}
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+            config: dict[str, Any] = json.load(fh)
+        return config
 
     def say(self, text: str) -> None:
         """Append one line to run.log; never called with a secret value."""

@@ -104,14 +104,17 @@ def _end_run(
     args: dict[str, Any], pid: int, pgid: int, papermill: int | None, launcher_alive: bool,
     papermill_alive: bool, exit_file: str, result: dict[str, Any],
 ) -> None:  # fmt: skip
-    roots = [p for p, alive in ((pid, launcher_alive), (papermill, papermill_alive)) if alive]
+    roots = [pid] if launcher_alive else []
+    if papermill is not None and papermill_alive:
+        roots.append(papermill)
     procs: dict[int, int] = {}
     for root in roots:
         procs.update(proc.descendants(root))
     if launcher_alive:  # the launcher forwards SIGTERM to papermill's group and the kernel's
         proc.send_signal([], [pgid], signal.SIGTERM)
     else:  # stale run: the launcher died, papermill and the kernel may still be running
-        procs[papermill] = papermill  # type: ignore[index]
+        if papermill is not None:
+            procs[papermill] = papermill
         proc.send_signal(list(procs), set(procs.values()), signal.SIGTERM)
     result["signalled"] = True
     deadline = time.monotonic() + args["grace_s"]

@@ -1,13 +1,13 @@
 """The Jupyter target: jupyter_server's REST API and kernel websocket, as Kaggle exposes them.
 
 Transport only (see `backends.base`). Files move through the contents API and `/files/`
-(`jupyter_http`); `run_python` runs short snippets on a launcher kernel (`jupyter_ws`) that this
+(`http`); `run_python` runs target programs on a launcher kernel (`ws`) that this
 backend creates, or reuses with `--kernel-id`, and deletes on `close()` if it made it. Jobs never
 depend on that kernel after launch (versa_spec §8.3): commands that only read files (`status`,
 `logs`, `sync` downloads) never start one, provided the root is known (from the journal).
 
 Uploads go to a temporary `<name>.versa-<hex>.part` (never `.<name>`: hidden names are refused),
-are checked by sha256 on the target (`?hash=1`, else a snippet), then renamed: a contents PATCH
+are checked by sha256 on the target (`?hash=1`, else `fileops.sha256`), then renamed: a contents PATCH
 for a fresh name, `os.replace` on the kernel when overwriting (PATCH refuses to). A file that
 must be private (`mode=0o600`, secrets) is created with that mode by the kernel *before* any
 byte arrives; chunked PUTs rewrite it in place, keeping the mode.
@@ -206,7 +206,8 @@ class JupyterBackend:
     def api_status(self) -> dict[str, Any]:
         """`GET /api/status`: the cheapest authenticated call (reachability + auth)."""
         self._check_open()
-        return self.http.request("GET", "/api/status").json()
+        status: dict[str, Any] = self.http.request("GET", "/api/status").json()
+        return status
 
     def delete_kernel(self, kernel_id: str) -> None:
         """Delete a kernel by id; a job it launched keeps running (own process session)."""

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -171,13 +171,13 @@ class JupyterHttp:
 
     def ws_auth(self) -> tuple[dict[str, str], str | None]:
         """Headers and cookie string the websocket handshake needs (same auth as REST)."""
-        headers = {k: v for k, v in self.session.headers.items() if k in _WS_HEADERS}
+        headers = {k: str(v) for k, v in self.session.headers.items() if k in _WS_HEADERS}
         cookies = "; ".join(f"{c.name}={c.value}" for c in self.session.cookies)
         return headers, cookies or None
 
     # -- contents API ---------------------------------------------------------------------------
 
-    def model(self, path: str, *, with_hash: bool = False) -> dict | None:
+    def model(self, path: str, *, with_hash: bool = False) -> dict[str, Any] | None:
         """The contents model without content (`?content=0`), or None when absent."""
         params = {"content": "0", **({"hash": "1"} if with_hash else {})}
         resp = self.request("GET", contents_path(path), params=params, ok=(200, 404))
@@ -368,7 +368,7 @@ def _chunk_body(block: bytes, chunk: int | None) -> bytes:
     return json.dumps(head)[:-1].encode() + b', "content": "' + base64.b64encode(block) + b'"}'
 
 
-def _mtime(model: dict) -> float:
+def _mtime(model: dict[str, Any]) -> float:
     stamp = str(model.get("last_modified") or "")
     try:
         when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))

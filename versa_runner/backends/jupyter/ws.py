@@ -17,15 +17,17 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from typing import Any, NoReturn
 
 import websocket
+from jupyter_client.jsonutil import json_default
+from jupyter_client.session import Session
 
 from versa_runner.errors import AuthError, TargetError, UnreachableError
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = "5.3"
+USERNAME = "versa-run"
 PING_INTERVAL_S = 30.0
 """Idle websocket reads wake this often to ping, so proxies keep the connection open."""
 RECONNECT_ATTEMPTS = 3
@@ -62,6 +64,9 @@ class KernelChannel:
         self._redacted_url = redacted_url
         self._on_timeout = on_timeout
         self._session_id = uuid.uuid4().hex
+        # Messages are built by jupyter_client's Session (header, ids, protocol version); the
+        # websocket carries them unsigned: jupyter_server signs them for the kernel.
+        self._session = Session(session=self._session_id, username=USERNAME, key=b"")
         self._ws: websocket.WebSocket | None = None
         self._closed = False
 
@@ -70,8 +75,7 @@ class KernelChannel:
         if self._closed:
             raise RuntimeError("KernelChannel used after close()")
         deadline = time.monotonic() + timeout_s
-        msg_id = uuid.uuid4().hex
-        request = self._execute_request(code, msg_id)
+        request, msg_id = self._execute_request(code)
         result = ExecuteResult()
         reply_seen = idle_seen = False
         sent = False
@@ -108,7 +112,7 @@ class KernelChannel:
         self._closed = True
 
     def _absorb(
-        self, message: dict, result: ExecuteResult, reply_seen: bool, idle_seen: bool
+        self, message: dict[str, Any], result: ExecuteResult, reply_seen: bool, idle_seen: bool
     ) -> tuple[bool, bool]:
         msg_type = message.get("msg_type") or message.get("header", {}).get("msg_type")
         content = message.get("content", {})
@@ -132,7 +136,7 @@ class KernelChannel:
                 result.evalue = content.get("evalue", result.evalue)
         return reply_seen, idle_seen
 
-    def _recv(self, deadline: float) -> dict | None:
+    def _recv(self, deadline: float) -> dict[str, Any] | None:
         """The next JSON message, or None once `deadline` passes; pings while idle."""
         ws = self._socket()
         while True:
@@ -148,9 +152,10 @@ class KernelChannel:
                 continue
             if isinstance(frame, bytes):
                 continue  # v1 binary frames carry buffers we never request
-            return json.loads(frame)
+            message: dict[str, Any] = json.loads(frame)
+            return message
 
-    def _timeout(self, timeout_s: float) -> None:
+    def _timeout(self, timeout_s: float) -> NoReturn:
         if self._on_timeout is not None:
             self._on_timeout()
         raise TargetError(
@@ -187,15 +192,8 @@ class KernelChannel:
                 pass  # already gone; nothing to release
             self._ws = None
 
-    def _execute_request(self, code: str, msg_id: str) -> str:
-        header = {
-            "msg_id": msg_id,
-            "username": "versa-run",
-            "session": self._session_id,
-            "msg_type": "execute_request",
-            "version": PROTOCOL_VERSION,
-            "date": datetime.now(timezone.utc).isoformat(),
-        }
+    def _execute_request(self, code: str) -> tuple[str, str]:
+        """The execute_request (jupyter_client's message spec) as a legacy JSON frame; its id."""
         content = {
             "code": code,
             "silent": True,
@@ -204,17 +202,10 @@ class KernelChannel:
             "allow_stdin": False,
             "stop_on_error": True,
         }
-        message = {
-            "header": header,
-            "msg_id": msg_id,
-            "msg_type": "execute_request",
-            "parent_header": {},
-            "metadata": {},
-            "content": content,
-            "buffers": [],
-            "channel": "shell",
-        }
-        return json.dumps(message)
+        message = self._session.msg("execute_request", content)
+        message["channel"] = "shell"  # the legacy websocket protocol names the channel inline
+        message["buffers"] = []
+        return json.dumps(message, default=json_default), str(message["header"]["msg_id"])
 
 
 __all__ = ["ExecuteResult", "KernelChannel"]

@@ -2,12 +2,12 @@
 
 Transport only (see `backends.base`); where the host is and whether to trust its key is
 `backends.ssh.target`. Files move over SFTP: uploads go to `<name>.<hex>.part`, are checked by
-sha256 (small files read back over SFTP, larger ones hashed by a snippet on the host: OpenSSH
+sha256 (small files read back over SFTP, larger ones hashed by `fileops.sha256` on the host: OpenSSH
 has no SFTP `check-file` extension, orchestration_anchors §5.2), then renamed with
 `posix-rename@openssh.com`; downloads seek to the resume offset and prefetch from there.
-`run_python` execs `<python> -` in the target root with the snippet written to the channel's
-stdin, so no snippet ever shows in a remote `ps`. The job outlives this connection because the
-launch snippet starts the launcher in its own process session (lifecycle), not because of
+`run_python` execs `<python> -` in the target root with the program written to the channel's
+stdin, so no program ever shows in a remote `ps`. The job outlives this connection because the
+launch op starts the launcher in its own process session (lifecycle), not because of
 anything here. A connection that drops is re-opened by the next call (read-only calls retry
 once), so a follower polling status rides over it.
 """
@@ -22,7 +22,6 @@ import posixpath
 import secrets
 import shlex
 import socket
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, BinaryIO, TypeVar
 import paramiko
 
 from versa_runner.backends.base import ProgressFn, RemoteStat, call_target
+from versa_runner.backends.ssh.channel import collect
 from versa_runner.backends.ssh.target import (
     AUTH_HINT,
     UNKNOWN_HOST_HINT,
@@ -64,7 +64,6 @@ DEFAULT_PYTHON = "python3"
 PASSPHRASE_ENV = "VERSA_SSH_PASSPHRASE"
 HASH_TIMEOUT_S = 600.0
 READ_BACK_MAX_BYTES = 1 << 20  # uploads up to this size are verified by reading them back
-EXEC_POLL_S = 0.01
 STDERR_TAIL_LINES = 3
 
 
@@ -180,7 +179,7 @@ class SshBackend:
                 channel.exec_command(command)
                 channel.sendall(code.encode())
                 channel.shutdown_write()
-                stdout, stderr = _collect(channel, timeout_s)
+                stdout, stderr = collect(channel, timeout_s)
                 exit_status = channel.recv_exit_status()
             finally:
                 channel.close()
@@ -354,29 +353,6 @@ class SshBackend:
                 self._drop_connection()
                 raise UnreachableError(f"connection lost during {where}") from exc
             raise TransferError(f"cannot {where}: {exc.strerror or exc}") from exc
-
-
-def _collect(channel: paramiko.Channel, timeout_s: float) -> tuple[bytes, bytes]:
-    """Drain stdout and stderr until the command exits; TargetError past `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    stdout, stderr = bytearray(), bytearray()
-    while True:
-        moved = False
-        if channel.recv_ready():
-            stdout += channel.recv(CHUNK_BYTES)
-            moved = True
-        if channel.recv_stderr_ready():
-            stderr += channel.recv_stderr(CHUNK_BYTES)
-            moved = True
-        if moved:
-            continue
-        if channel.exit_status_ready() and (channel.eof_received or channel.closed):
-            return bytes(stdout), bytes(stderr)
-        if channel.closed and not channel.exit_status_ready():
-            raise EOFError("the SSH channel closed before the snippet finished")
-        if time.monotonic() > deadline:
-            raise TargetError(f"snippet did not finish within {timeout_s:.0f} s")
-        time.sleep(EXEC_POLL_S)
 
 
 def from_options(options: TargetOptions, *, root: str | None = None) -> SshBackend:

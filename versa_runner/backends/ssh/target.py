@@ -16,6 +16,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paramiko
 
@@ -107,7 +108,9 @@ def load_key(target: SshTarget) -> paramiko.PKey | None:
     if target.key_file is None:
         return None
     path = target.key_file
-    secret = target.passphrase.encode() if target.passphrase else None  # the cipher wants bytes
+    secret: Any = (
+        target.passphrase.encode() if target.passphrase else None
+    )  # the cipher wants bytes
     try:
         try:  # positional: paramiko 5 renamed `passphrase` to `password`
             return paramiko.PKey.from_path(path, secret)
