@@ -24,6 +24,7 @@ echo "test venv: $venv ($(python --version))"
 python -m pip install -q --disable-pip-version-check torch==2.13.0 -e '.[gpu,dev]'
 
 ruff check .
+mypy  # the files it checks are listed in pyproject's [tool.mypy]
 
 # The SSH target's tests start a real sshd (tests/ssh_fixtures.py): install it on a fresh CI box.
 if [ ! -x /usr/sbin/sshd ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
