@@ -11,7 +11,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from versa_runner.cli import commands
+from versa_runner.cli import commands, recipe_cmds
 from versa_runner.cli.context import Context
 from versa_runner.cli.output import Output
 from versa_runner.cli.parser import build_parser, with_implicit_submit
@@ -35,6 +35,8 @@ COMMANDS = {
     "list": commands.cmd_list, "doctor": commands.cmd_doctor,
     "fixtures": lambda ctx: _delegate("fixtures", "versa_kernels.fixtures.cli", ctx.args.args),
     "summarize": lambda ctx: _delegate("summarize", "versa_runner.parity.summarize", ctx.args.args),
+    "summarize-decode": lambda ctx: _delegate("summarize-decode", "versa_runner.parity.decode", ctx.args.args),
+    "recipe": recipe_cmds.cmd_recipe, "playbook": recipe_cmds.cmd_playbook, "demo": recipe_cmds.cmd_demo,
 }  # fmt: skip
 
 
@@ -47,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         Output(json_mode="--json" in argv).error(error)
         return int(error.exit_code)
-    if getattr(args, "verb", None) in ("fixtures", "summarize"):
+    if getattr(args, "verb", None) in ("fixtures", "summarize", "summarize-decode"):
         # Delegated verbs get their tail verbatim: argparse.REMAINDER moves a leading --flag
         # into `extra` (`summarize --left-json A ...` lost --left-json). H5 minimal edit.
         args.args, extra = argv[argv.index(args.verb) + 1 :], []

@@ -10,6 +10,8 @@ import argparse
 from typing import Any, NoReturn
 
 from versa_runner import tasks
+from versa_runner.cli.recipe_cmds import EXAMPLES as RECIPE_EXAMPLES
+from versa_runner.cli.recipe_cmds import add_recipe_verbs
 from versa_runner.errors import UsageError
 
 VERBS = (
@@ -23,6 +25,10 @@ VERBS = (
     "doctor",
     "fixtures",
     "summarize",
+    "summarize-decode",
+    "recipe",
+    "playbook",
+    "demo",
 )
 EXAMPLES = {
     None: """examples:
@@ -48,6 +54,9 @@ tasks: """
     "  versa-run doctor --ssh me@gpu-box:2222 --ssh-accept-new",
     "fixtures": "examples:\n  versa-run fixtures --help",
     "summarize": "examples:\n  versa-run summarize --left-json A.json --right-json B.json --out-md S.md",
+    "summarize-decode": "examples:\n  versa-run summarize-decode artifacts/decode_bench/base.json "
+    "artifacts/decode_bench/pruned.json --out-md reports/decode.md",
+    **RECIPE_EXAMPLES,
 }
 RUN_HELP = "run id, unique prefix of one, or `last`; omitted: the newest run in the journal"
 
@@ -135,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     verb("list", "list runs in the journal, newest first")
     verb("doctor", "check the target: python, papermill, disk, GPUs")
     for name, text in (("fixtures", "build test fixtures (versa_kernels.fixtures)"),
-                       ("summarize", "summarize a base/pruned EAFT pair and apply the gates")):
+                       ("summarize", "summarize a base/pruned EAFT pair and apply the gates"),
+                       ("summarize-decode", "base and pruned decode_bench side by side")):
         verb(name, text).add_argument("args", nargs=argparse.REMAINDER, help="passed through")
+    add_recipe_verbs(verb)
     return parser
 # fmt: on
 
