@@ -22,6 +22,7 @@ is unchanged (`near-lossless-v1`); nothing here moves a threshold.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from bisect import bisect_right
@@ -47,6 +48,12 @@ BOOTSTRAP_SEED = 3407
 BOOTSTRAP_POINTS = 4_000_000  # resampled points in all; fewer draws for very large runs
 SHOWN = {"ppl": "|ΔPPL|", "cc": "|ΔCC| (pp)", "mean_p": "|Δmean_p|", "js2d": "JS2D"}
 SCALE = {"ppl": 1.0, "cc": 100.0, "mean_p": 1.0, "js2d": 1.0}  # cc shown in percentage points
+
+INFORMATIONAL = (
+    "> Informational: seq {seqs} are not the hero rows of {name} (UNION at 1024 and 2048). The "
+    "'Gate Result' below applies its thresholds at these lengths for orientation only; it is "
+    "not a verdict.\n\n"
+)
 
 __all__ = ["NoiseRow", "gate_summary", "noise_rows", "sampling_noise"]
 
@@ -205,6 +212,10 @@ def gate_summary(
     gates = load_gates(gates_json)
     left = load_eaft_json(left_json, param="left")
     out_path = Path(out_md)
+    seqs = sorted({s for p in left["packs"] for s in p["seq"]}, key=int)
+    informational = not set(gates.primary_seq_lens) <= set(seqs)
+    if informational:  # e.g. long-seq runs: v1's thresholds shown at these lengths, no verdict
+        gates = dataclasses.replace(gates, primary_seq_lens=tuple(seqs))
     if comparison == "noise":
         right = load_eaft_json(right_json, param="right")
         summary = compare_runs(left, right, gates, require_same_blocks=False)
@@ -220,7 +231,7 @@ def gate_summary(
         )
         headline = f"noise floor ({gates.name} on base vs base, disjoint blocks): {verdict}"
     else:
-        summary = summarize_pair(left_json, right_json, out_path, gates_json)
+        summary = summarize_pair(left_json, right_json, out_path, gates)
         noise_summary = None
         if noise:
             noise_summary = compare_runs(load_eaft_json(noise[0], param="noise left"),
@@ -232,11 +243,17 @@ def gate_summary(
                           + render_noise(rows, noise_label=label))  # fmt: skip
         verdict = "PASS" if summary.passed else "FAIL"
         headline = f"gate {gates.name} {summary.right_label} vs {summary.left_label}: {verdict}"
+        if informational:
+            verdict = "n/a"
+            headline = (f"{summary.right_label} vs {summary.left_label} at seq {', '.join(seqs)}: "
+                        f"not {gates.name}'s hero rows, no verdict (thresholds for orientation)")  # fmt: skip
+            atomic_write_text(out_path, INFORMATIONAL.format(seqs=", ".join(seqs), name=gates.name)
+                              + out_path.read_text(encoding="utf-8"))  # fmt: skip
     below = [f"seq={r.seq} {r.check}" for r in rows if r.threshold_below_noise]
     if below:
         headline += f"; thresholds below the noise: {', '.join(below)}"
     return {
-        "verdict": "PASS" if summary.passed else "FAIL",
+        "verdict": "n/a" if informational else ("PASS" if summary.passed else "FAIL"),
         "headline": headline,
         "out_md": str(out_path),
         "hero": [

@@ -350,12 +350,14 @@ def summarize_pair(
     left_json: str | Path,
     right_json: str | Path,
     out_md: str | Path,
-    gates_json: str | Path | None = None,
+    gates_json: str | Path | Gates | None = None,
 ) -> PairSummary:
-    """Load, compare, plot and write the markdown report; returns the summary (raises on refusal)."""
+    """Load, compare, plot and write the markdown report; returns the summary (raises on refusal).
+
+    `gates_json` is a gates file, or already loaded `Gates` (the noise summary passes those)."""
     from versa_runner.parity.report import render_markdown, write_plots
 
-    gates = load_gates(gates_json)
+    gates = gates_json if isinstance(gates_json, Gates) else load_gates(gates_json)
     left = load_eaft_json(left_json, param="--left-json")
     right = load_eaft_json(right_json, param="--right-json")
     left.setdefault("_path_stem", Path(left_json).stem)

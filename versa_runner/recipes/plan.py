@@ -222,23 +222,24 @@ def eval_recipe_plan(recipe: Mapping[str, Any], *, where: str) -> dict[str, Any]
     if comparison not in ("parity", "noise"):
         raise ConfigError(f"{where}: comparison {comparison!r} is not one of parity, noise")
     name = _safe(str(recipe.get("name") or "eval"))
-    gates = recipe.get("gates_json") or (recipe.get("paths") or {}).get("gates_json")
+    gates = recipe.get("gates_json")  # a path on the target; default: the packaged v1 file
     steps: list[dict[str, Any]] = []
+    single = "run_matrix" not in recipe
     for run_name, params in collector_runs(recipe):
-        run = _safe(run_name)
+        run = "" if single else _safe(run_name) + "_"
         for side, spec in sides:
             values = merge_recipes({**pack_values, **params}, spec.get("collector_overrides") or {})
             values["model_id"] = str(spec.get("model_id") or spec.get("label") or side)
             if side == "right" and values["model_id"] == steps[-1]["params"]["model_id"]:
                 values["model_id"] += "-right"  # two runs of one model keep two JSONs
             values["model_path"] = _side_path(spec, where=f"{where} pair.{side}")
-            steps.append(task_step(f"eaft_{run}_{side}", "eaft_single", values,
+            steps.append(task_step(f"eaft_{run}{side}", "eaft_single", values,
                                    where=f"{where} run {run_name} pair.{side}"))  # fmt: skip
         if len(sides) == 2:
-            steps.append({"name": f"gate_{run}", "summarize": {
-                "left": {"$output": f"eaft_{run}_left"}, "right": {"$output": f"eaft_{run}_right"},
-                "out_md": f"reports/{name}_{run}.md", "comparison": comparison,
-                **({"gates_json": gates} if gates and Path(str(gates)).is_file() else {})}})  # fmt: skip
+            steps.append({"name": f"gate_{run}".rstrip("_"), "summarize": {
+                "left": {"$output": f"eaft_{run}left"}, "right": {"$output": f"eaft_{run}right"},
+                "out_md": f"reports/{name}_{run}".rstrip("_") + ".md", "comparison": comparison,
+                **({"gates_json": gates} if gates else {})}})  # fmt: skip
     return {"schema_version": PLAN_SCHEMA_VERSION, "name": name, "steps": steps}
 
 
