@@ -111,9 +111,11 @@ def test_long_seq_runs_get_thresholds_for_orientation_and_no_verdict(tmp_path):
         path.write_text(json.dumps(doc))
         return path
 
-    result = gate_summary(left_json=long(tmp_path / "l.json", "base", 1),
-                          right_json=long(tmp_path / "r.json", "pruned", 1),
-                          out_md=tmp_path / "long.md")  # fmt: skip
+    left, right = long(tmp_path / "l.json", "base", 1), long(tmp_path / "r.json", "pruned", 1)
+    with pytest.raises(ConfigError, match="hero row pack=UNION seq=1024 is missing"):
+        gate_summary(left_json=left, right_json=right, out_md=tmp_path / "x.md")  # the CLI's rule
+    result = gate_summary(left_json=left, right_json=right, out_md=tmp_path / "long.md",
+                          allow_informational=True)  # eval recipes' long-seq matrices  # fmt: skip
     assert result["verdict"] == "n/a" and "no verdict" in result["headline"]
     assert (tmp_path / "long.md").read_text().startswith("> Informational: seq 4096")
 
@@ -142,3 +144,33 @@ def test_summarize_decode_ratio_per_batch_size_and_one_plot(tmp_path, capsys):
     with pytest.raises(ConfigError, match="engine: base='native' pruned='vllm'"):
         summarize_decode(base, other, tmp_path / "x.md")
     assert decode_main([str(base), str(other), "--out-md", str(tmp_path / "y.md")]) == 2
+
+
+def test_summarize_cli_takes_the_noise_pair_and_the_noise_floor(tmp_path, capsys):
+    from versa_runner.parity.summarize import main as summarize_main
+
+    base = _run(tmp_path / "base.json", "base", _tokens(2000, 1), "rows")
+    noise = _run(tmp_path / "noise.json", "base-disjoint", _tokens(2000, 2), "rows-next")
+    pruned = _run(tmp_path / "pruned.json", "pruned", _tokens(2000, 1), "rows")
+    args = [
+        "--left-json",
+        str(base),
+        "--right-json",
+        str(pruned),
+        "--out-md",
+        str(tmp_path / "p.md"),
+    ]
+    assert summarize_main([*args, "--noise-json", str(base), str(noise)]) == 0  # identical: PASS
+    out = capsys.readouterr().out
+    assert "Gate near-lossless-v1: PASS" in out and "Thresholds below the noise" in out
+    assert "| 1024 | JS2D | 0 | 0.02 |" in (tmp_path / "p.md").read_text()
+    floor = [
+        "--left-json",
+        str(base),
+        "--right-json",
+        str(noise),
+        "--out-md",
+        str(tmp_path / "n.md"),
+    ]
+    assert summarize_main([*floor, "--noise-floor"]) == 1  # the gate fails on pure noise here
+    assert summarize_main(floor) == 2  # without --noise-floor, different blocks are refused

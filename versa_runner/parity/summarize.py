@@ -384,19 +384,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--gates-json", default=None, help=f"gates file (default {DEFAULT_GATES_PATH.name})"
     )
+    parser.add_argument(
+        "--noise-json", nargs=2, default=None, metavar=("BASE", "BASE_DISJOINT"),
+        help="the base on its blocks and on disjoint blocks of the same size (eaft_single "
+        "--block-offset NUM_BLOCKS): their deltas are shown beside this pair's as measured noise",
+    )  # fmt: skip
+    parser.add_argument(
+        "--noise-floor", action="store_true",
+        help="left and right are one model on disjoint blocks: report the noise floor itself",
+    )  # fmt: skip
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 PASS, 1 FAIL, the error's exit code (2) when the pair is refused."""
+    from versa_runner.parity.noise import gate_summary  # it builds on this module
+
     args = build_parser().parse_args(argv)
     try:
-        summary = summarize_pair(args.left_json, args.right_json, args.out_md, args.gates_json)
+        result = gate_summary(
+            left_json=args.left_json, right_json=args.right_json, out_md=args.out_md,
+            gates_json=args.gates_json, noise=args.noise_json,
+            comparison="noise" if args.noise_floor else "parity",
+        )  # fmt: skip
     except VersaRunError as exc:
         sys.stderr.write(f"error: {exc}\n" + (f"hint: {exc.hint}\n" if exc.hint else ""))
         return int(exc.exit_code)
-    verdict = "PASS" if summary.passed else "FAIL"
-    sys.stdout.write(f"[+] Wrote {args.out_md}\nGate {summary.gates.name}: {verdict}\n")
-    for failure in summary.failures:
+    gates = load_gates(args.gates_json)
+    sys.stdout.write(f"[+] Wrote {args.out_md}\nGate {gates.name}: {result['verdict']}\n")
+    for failure in result["failures"]:
         sys.stdout.write(f"  - {failure}\n")
-    return 0 if summary.passed else 1
+    below = [f"seq={n['seq']} {n['check']}" for n in result["noise"] if n["threshold_below_noise"]]
+    if below:
+        sys.stdout.write(f"Thresholds below the noise at this sample size: {', '.join(below)}\n")
+    return 0 if result["verdict"] == "PASS" else 1

@@ -51,8 +51,10 @@ def step_output(step: Mapping[str, Any], run_id: str) -> str:
         return f"{EAFT_OUT_ROOT}/{step_run_id(run_id, step)}/{params['model_id'].replace('/', '__')}.json"
     if task == "decode_bench":
         return f"{DECODE_OUT_DIR}/{params['name']}.json"
-    if task and task.startswith("build_pruned"):
-        return str(params.get("out_dir", "")).replace("{run_id}", run_id)
+    if task and task.startswith("build_pruned"):  # the checkpoint, else the build's index
+        out_dir = str(params.get("out_dir", "")).replace("{run_id}", run_id)
+        kind = "keepfrac" if task.endswith("keepfrac") else "budgeted"
+        return out_dir or f"artifacts/20b_pruned_models_eaftreap_{kind}/manifest.json"
     if task == "validate_expert_math_toy":
         return "reports/validate_gpt_oss_expert_math_toy.md"
     return str(step.get("summarize", step.get("summarize_decode", {})).get("out_md", ""))
@@ -217,8 +219,8 @@ def _run_step(
             reports.append(f"reports/decode_bench_{params['name']}.md")
         if step["task"] == "validate_expert_math_toy":
             reports.append(output)
-        if step["task"].startswith("build_pruned") and not (cwd / output).is_dir():
-            raise StepFailed(f"the build wrote no checkpoint at {output}")
+        if step["task"].startswith("build_pruned") and not (cwd / output).exists():
+            raise StepFailed(f"the build wrote nothing at {output}")
         return {**entry, "reports": reports}
     if "summarize" in step:
         from versa_runner.errors import VersaRunError
@@ -231,6 +233,7 @@ def _run_step(
                 out_md=cwd / spec["out_md"], gates_json=spec.get("gates_json"),
                 noise=[cwd / p for p in spec["noise"]] if spec.get("noise") else None,
                 comparison=spec.get("comparison", "parity"),
+                allow_informational=bool(spec.get("allow_informational", False)),
             )  # fmt: skip
         except VersaRunError as exc:
             raise StepFailed(f"{exc} ({exc.hint})" if exc.hint else str(exc)) from exc

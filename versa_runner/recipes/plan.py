@@ -238,7 +238,7 @@ def eval_recipe_plan(recipe: Mapping[str, Any], *, where: str) -> dict[str, Any]
         if len(sides) == 2:
             steps.append({"name": f"gate_{run}".rstrip("_"), "summarize": {
                 "left": {"$output": f"eaft_{run}left"}, "right": {"$output": f"eaft_{run}right"},
-                "out_md": f"reports/{name}_{run}".rstrip("_") + ".md", "comparison": comparison,
+                "out_md": f"reports/{name}_{run}".rstrip("_") + ".md", "allow_informational": True, "comparison": comparison,
                 **({"gates_json": gates} if gates else {})}})  # fmt: skip
     return {"schema_version": PLAN_SCHEMA_VERSION, "name": name, "steps": steps}
 
