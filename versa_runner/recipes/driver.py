@@ -107,15 +107,15 @@ class _Kernel:
 
     def execute(self, notebook_path: Path, params: Mapping[str, Any], copy_to: Path) -> None:
         import nbformat
-        from jupyter_client.manager import AsyncKernelManager
         from nbclient import NotebookClient
         from nbclient.exceptions import CellExecutionError
         from papermill.iorw import load_notebook_node
         from papermill.parameterize import parameterize_notebook
 
         nb = parameterize_notebook(load_notebook_node(str(notebook_path)), dict(params))
-        if self.km is None:
-            self.km = AsyncKernelManager(kernel_name=self.kernel_name)
+        if self.km is None:  # made here, so no client owns (and shuts down) the kernel
+            probe = NotebookClient(nbformat.v4.new_notebook(), kernel_name=self.kernel_name)
+            self.km = probe.create_kernel_manager()
         client = NotebookClient(
             nb, km=self.km, timeout=None, kernel_name=self.kernel_name,
             resources={"metadata": {"path": str(self.cwd)}},
@@ -129,7 +129,7 @@ class _Kernel:
 
     def close(self) -> None:
         if self.km is not None and self.km.has_kernel:
-            from jupyter_core.utils import run_sync
+            from nbclient.util import run_sync
 
             run_sync(self.km.shutdown_kernel)(now=True)
 
