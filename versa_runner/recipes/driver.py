@@ -108,7 +108,7 @@ class _Kernel:
     def execute(self, notebook_path: Path, params: Mapping[str, Any], copy_to: Path) -> None:
         import nbformat
         from nbclient import NotebookClient
-        from nbclient.exceptions import CellExecutionError
+        from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
         from papermill.iorw import load_notebook_node
         from papermill.parameterize import parameterize_notebook
 
@@ -124,6 +124,8 @@ class _Kernel:
             client.execute(cwd=str(self.cwd))
         except CellExecutionError as exc:
             raise StepFailed(_error_tail(str(exc))) from exc
+        except (DeadKernelError, CellTimeoutError) as exc:  # e.g. out of memory: no traceback
+            raise StepFailed(f"{type(exc).__name__}: {_error_tail(str(exc))}") from exc
         finally:
             atomic_write_text(copy_to, nbformat.writes(client.nb))
 
@@ -164,6 +166,8 @@ def run_plan(
         for index, step in enumerate(steps, 1):
             name = step["name"]
             entry = {"name": name, "state": "running", "started": time.time()}
+            if "task" in step:  # known before it runs, so a failed step still names it
+                entry["notebook"] = f"{NOTEBOOK_COPY_DIR}/{step_run_id(run_id, step)}.ipynb"
             record["steps"].append(entry)
             atomic_write_json(record_path, record)
             _say(f"step {index}/{len(steps)} {name}: {_describe(step)}")
@@ -210,10 +214,7 @@ def _run_step(
         params["run_id"] = step_run_id(run_id, step)
         copy = f"{NOTEBOOK_COPY_DIR}/{step_run_id(run_id, step)}.ipynb"
         entry: dict[str, Any] = {"notebook": copy, "output": output}
-        try:
-            kernel.execute(notebooks_dir / step["notebook"], params, cwd / copy)
-        except StepFailed as exc:
-            raise StepFailed(f"{exc} (notebook {copy})") from exc
+        kernel.execute(notebooks_dir / step["notebook"], params, cwd / copy)
         reports = [copy]
         if step["task"] == "decode_bench":
             reports.append(f"reports/decode_bench_{params['name']}.md")
