@@ -112,6 +112,19 @@ def test_tiny_recipes_build_then_pair_from_manifest_then_noise(demo):
     assert all(l_rows[k] != r_rows[k] for k in l_rows)  # disjoint blocks
 
 
+def test_the_recipe_a_build_ships_rebuilds_the_same_kept_experts(demo):
+    out, _, _ = demo  # after the tiny build above
+    manifest = json.loads(
+        (out / "artifacts/20b_pruned_models_eaftreap_budgeted/manifest.json").read_text()
+    )
+    shipped = Path(manifest["out_dir"]) / "reap-recipe.yaml"
+    resolved = _versa("recipe", "resolve", str(shipped), cwd=out)
+    assert resolved.returncode == 0 and "keep_experts_by_layer" in resolved.stdout
+    again = _versa("recipe", "run", str(shipped), "--overwrite", "--no-detach", cwd=out)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    assert "kept experts of" in again.stdout and "match the recipe in all 4 layers" in again.stdout
+
+
 def test_a_failing_playbook_stops_at_that_step_and_is_reattached_like_any_run(tmp_path):
     prepare_demo_inputs(tmp_path, log=open(os.devnull, "w"))
     submitted = _versa(

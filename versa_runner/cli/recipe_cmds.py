@@ -81,6 +81,10 @@ def add_recipe_verbs(verb: Any) -> None:
         default=None,
         help="reap_recipe: base checkpoint on the target (overrides the recipe)",
     )
+    recipe.add_argument(
+        "--overwrite", action="store_true",
+        help="reap_recipe: replace an existing checkpoint of the same variant (a rebuild)",
+    )  # fmt: skip
     _submit_options(recipe)
     playbook = verb(
         "playbook", "the seed playbook as one job: validate, build, parity, gate, decode"
@@ -127,7 +131,8 @@ def cmd_recipe(ctx: Context) -> int:
     if a.action == "resolve":
         ctx.out.text(dump_recipe(recipe).rstrip("\n"))
         return 0
-    return _submit_plan(ctx, plan_for(recipe, path=path.resolve(), model_path=a.model_path))
+    plan = plan_for(recipe, path=path.resolve(), model_path=a.model_path, overwrite=a.overwrite)
+    return _submit_plan(ctx, plan)
 
 
 def cmd_playbook(ctx: Context) -> int:

@@ -201,6 +201,8 @@ def run_plan(
 def _describe(step: Mapping[str, Any]) -> str:
     if "task" in step:
         return f"task {step['task']}"
+    if "check_kept" in step:
+        return "kept experts against the recipe's"
     return "gate summary" if "summarize" in step else "decode side by side"
 
 
@@ -240,6 +242,8 @@ def _run_step(
             raise StepFailed(f"{exc} ({exc.hint})" if exc.hint else str(exc)) from exc
         _say(result["headline"])
         return {"output": output, "reports": [output], "gate": result}
+    if "check_kept" in step:
+        return _check_kept(step["check_kept"], cwd=cwd)
     spec = resolve_refs(dict(step["summarize_decode"]), outputs=outputs, cwd=cwd, run_id=run_id)
     from versa_runner.parity.decode import summarize_decode
 
@@ -248,6 +252,30 @@ def _run_step(
     plots = [str(Path(p).relative_to(cwd)) if Path(p).is_relative_to(cwd) else p
              for p in result.get("plots", [])]  # fmt: skip
     return {"output": output, "reports": [output, *plots], "decode": result}
+
+
+def _check_kept(spec: Mapping[str, Any], *, cwd: Path) -> dict[str, Any]:
+    """The rebuilt variant kept exactly the experts its recipe records (reproducibility)."""
+    import yaml
+
+    manifest = cwd / spec["manifest_json"]
+    variants = json.loads(manifest.read_text(encoding="utf-8")).get("variants", {})
+    if spec["variant"] not in variants:
+        raise StepFailed(
+            f"{manifest} names no variant {spec['variant']!r} (built: {sorted(variants)})"
+        )
+    recipe_path = Path(variants[spec["variant"]]) / "reap-recipe.yaml"
+    if not recipe_path.is_absolute():
+        recipe_path = cwd / recipe_path
+    rebuilt = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
+    got = rebuilt.get("result", {}).get("keep_experts_by_layer")
+    expected = [[int(e) for e in layer] for layer in spec["expected"]]
+    differ = [i for i, (a, b) in enumerate(zip(expected, got or [], strict=False)) if a != b]
+    if got is None or len(got) != len(expected) or differ:
+        raise StepFailed(f"the rebuild of {spec['variant']} kept other experts than its recipe "
+                         f"records (layers {differ or 'all'}; {recipe_path})")  # fmt: skip
+    _say(f"kept experts of {spec['variant']} match the recipe in all {len(expected)} layers")
+    return {"output": str(recipe_path), "reports": [], "kept_match": True}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,10 +159,13 @@ def playbook_plan(recipe: Mapping[str, Any], *, where: str) -> dict[str, Any]:
 
 
 def reap_recipe_plan(
-    recipe: Mapping[str, Any], *, where: str, recipe_dir: Path, model_path: str | None = None
-) -> dict[str, Any]:
-    """One build step from a resolved `reap_recipe` (buildk's mapper: the same flags a user
-    would type). `from_scores` is relative to the recipe's folder."""
+    recipe: Mapping[str, Any], *, where: str, recipe_dir: Path, model_path: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """One build step from a resolved `reap_recipe` (`build_params_from_recipe`: the same flags
+    a user would type; `from_scores` is relative to the recipe's folder). A recipe that records
+    the kept experts it produced (every shipped `reap-recipe.yaml` does) gets a second step
+    that checks the rebuild kept exactly those."""
     from versa_kernels.eaftreap.recipe import build_params_from_recipe  # no torch at import
     from versa_kernels.errors import KernelError
 
@@ -181,9 +184,18 @@ def reap_recipe_plan(
     keepfrac = isinstance(values.get("keep_frac"), list)
     task_name = str(recipe.get("task") or ("build_pruned_20b_eaftreap_keepfrac" if keepfrac
                                            else "build_pruned_20b_eaftreap_budgeted"))  # fmt: skip
+    if overwrite:
+        values["overwrite"] = True
     name = _safe(str(recipe.get("name") or "reap_recipe"))
-    step = task_step(f"build_{name}", task_name, values, where=where)
-    return {"schema_version": PLAN_SCHEMA_VERSION, "name": name, "steps": [step]}
+    steps = [task_step(f"build_{name}", task_name, values, where=where)]
+    label = (recipe.get("model") or {}).get("pruned_model_label")
+    kept = (recipe.get("result") or {}).get("keep_experts_by_layer")
+    if label and kept:
+        kind = "keepfrac" if task_name.endswith("keepfrac") else "budgeted"
+        steps.append({"name": "check_kept_experts", "check_kept": {
+            "manifest_json": f"artifacts/20b_pruned_models_eaftreap_{kind}/manifest.json",
+            "variant": label, "expected": kept}})  # fmt: skip
+    return {"schema_version": PLAN_SCHEMA_VERSION, "name": name, "steps": steps}
 
 
 # ---- evaluation recipes ----------------------------------------------------------------------
@@ -244,8 +256,9 @@ def eval_recipe_plan(recipe: Mapping[str, Any], *, where: str) -> dict[str, Any]
 
 
 def plan_for(
-    recipe: Mapping[str, Any], *, path: Path, model_path: str | None = None
-) -> dict[str, Any]:
+    recipe: Mapping[str, Any], *, path: Path, model_path: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     """The plan of any runnable recipe kind (planned recipes and score snapshots are refused)."""
     where = f"recipe {path}"
     if recipe.get("status") == "planned":
@@ -255,7 +268,8 @@ def plan_for(
     if kind == "playbook":
         return playbook_plan(recipe, where=where)
     if kind == "reap_recipe":
-        return reap_recipe_plan(recipe, where=where, recipe_dir=path.parent, model_path=model_path)
+        return reap_recipe_plan(recipe, where=where, recipe_dir=path.parent,
+                                model_path=model_path, overwrite=overwrite)  # fmt: skip
     if kind == "eval_recipe":
         return eval_recipe_plan(recipe, where=where)
     raise ConfigError(f"{where}: a {kind} recipe does not run on its own",
