@@ -52,7 +52,7 @@ def test_demo_runs_the_playbook_and_tells_the_story(demo):
     text = done.stdout
     assert "noise floor (base vs base, disjoint blocks)" in text
     assert "gate near-lossless-v1, value (noise level) per check" in text
-    assert "light vs heavy prune: the gate" in text
+    assert "light (keep 0.75) vs heavy (keep 0.25) prune at this scale:" in text
     record = _record(out)
     assert record["state"] == "succeeded"
     names = [s["name"] for s in record["steps"]]

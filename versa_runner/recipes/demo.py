@@ -17,6 +17,7 @@ from typing import IO, Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_RECIPE = REPO_ROOT / "recipes" / "tiny" / "playbook-tiny_demo.yaml"
+DEMO_PLAN_NAME = "tiny_demo"  # `name` of the demo recipe, and so of its playbook records
 DEMO_PACK_ROWS = 192  # enough tokens for 2 x num_blocks blocks of 2048 tokens in every pack
 CHECKS = (("ppl", "|ΔPPL|", 1.0), ("cc", "|ΔCC| pp", 100.0), ("mean_p", "|Δmean_p|", 1.0),
           ("js2d", "JS2D", 1.0))  # fmt: skip
@@ -37,12 +38,18 @@ def prepare_demo_inputs(output_dir: Path, *, log: IO[str]) -> None:
         fixtures(["packs", str(packs), "--rows", str(DEMO_PACK_ROWS)], out=log, err=log)
 
 
-def _latest_record(output_dir: Path) -> dict[str, Any] | None:
-    records = sorted(
+def _latest_record(output_dir: Path, name: str = DEMO_PLAN_NAME) -> dict[str, Any] | None:
+    """The newest playbook record of the demo's plan (other recipes may share the dir)."""
+    paths = sorted(
         (output_dir / "reports").glob("playbook_*.json"), key=lambda p: p.stat().st_mtime
     )
-    records = [p for p in records if not p.name.endswith("_plan.json")]
-    return json.loads(records[-1].read_text(encoding="utf-8")) if records else None
+    records = [
+        json.loads(p.read_text(encoding="utf-8"))
+        for p in paths
+        if not p.name.endswith("_plan.json")
+    ]
+    records = [r for r in records if r.get("name") == name]
+    return records[-1] if records else None
 
 
 def _noise_by_check(gate: dict[str, Any]) -> dict[tuple[str, str], float]:
@@ -96,10 +103,20 @@ def demo_summary(output_dir: Path, *, elapsed_s: float) -> str:
                          + f"  {gate['verdict']}")  # fmt: skip
     lines.append("(! : the threshold sits below the noise at this sample size)")
     if "gate_light" in gates and "gate_heavy" in gates:
-        apart, reasons = tells_apart(gates["gate_light"], gates["gate_heavy"])
-        lines += ["", "light vs heavy prune: the gate "
-                  + ("TELLS THEM APART at this scale" if apart else "does NOT tell them apart at this scale (differences within the noise)")]  # fmt: skip
-        lines += [f"  - {r}" for r in reasons]
+        light, heavy = gates["gate_light"], gates["gate_heavy"]
+        apart, reasons = tells_apart(light, heavy)
+        same = light["verdict"] == heavy["verdict"]
+        verdicts = f"verdicts light {light['verdict']}, heavy {heavy['verdict']}"
+        if apart and same:
+            text = (
+                f"the verdict does not separate them ({verdicts}); its checks do, beyond the noise:"
+            )
+        elif apart:
+            text = f"the gate TELLS THEM APART ({verdicts}):"
+        else:
+            text = f"the gate does NOT tell them apart ({verdicts}; every difference is within the noise)"
+        lines += ["", "light (keep 0.75) vs heavy (keep 0.25) prune at this scale: " + text]
+        lines += [f"  - {r}" for r in reasons if not r.startswith("verdicts differ")]
     lines += ["", "reports:"] + [f"  {output_dir / p}" for p in record["reports"]]
     lines.append(f"  {output_dir / 'reports' / ('playbook_' + record['run_id'] + '.json')}")
     return "\n".join(lines)
