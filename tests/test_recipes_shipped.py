@@ -71,6 +71,8 @@ def test_eval_recipes_pair_every_matrix_entry_on_the_same_blocks():
             "manifest_json": "artifacts/20b_pruned_models_eaftreap_keepfrac/manifest.json",
             "field": "variants.calib_union_keep24of32_k75_eaftreap"}}  # fmt: skip
     assert eaft["eaft_seq4096_blocks256_bs4_left"]["num_blocks"] == 256
+    assert plan["env"]["MEM_FRACTION_STATIC"] == "0.86"  # engine env: the job's, never dropped
+    assert plan["env"]["SGLANG_DISABLE_FLASHINFER_AUTOTUNE"] == "1"
     noise = RECIPES / "eval-20b_base_vs_base_noise_bigblocks.yaml"
     steps = {s["name"]: s for s in plan_for(load_recipe(noise), path=noise)["steps"]}
     assert steps["eaft_right"]["params"]["block_offset"] == 512  # disjoint, same size

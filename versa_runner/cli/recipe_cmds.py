@@ -119,6 +119,7 @@ def _submit_plan(ctx: Context, plan: dict[str, Any]) -> int:
     for name, default in (("secret", []), ("env", []), ("profile", "auto"), ("no_detach", False)):
         if not hasattr(a, name):
             setattr(a, name, default)
+    a.env = [*a.env, *(f"{k}={v}" for k, v in plan.get("env", {}).items())]  # non-secret
     a.extra = ["--plan", json.dumps(plan, separators=(",", ":"))]
     return commands.cmd_submit(ctx)
 

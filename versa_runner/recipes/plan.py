@@ -252,7 +252,22 @@ def eval_recipe_plan(recipe: Mapping[str, Any], *, where: str) -> dict[str, Any]
                 "left": {"$output": f"eaft_{run}left"}, "right": {"$output": f"eaft_{run}right"},
                 "out_md": f"reports/{name}_{run}".rstrip("_") + ".md", "allow_informational": True, "comparison": comparison,
                 **({"gates_json": gates} if gates else {})}})  # fmt: skip
-    return {"schema_version": PLAN_SCHEMA_VERSION, "name": name, "steps": steps}
+    return {"schema_version": PLAN_SCHEMA_VERSION, "name": name, "steps": steps,
+            "env": _engine_env(recipe)}  # fmt: skip
+
+
+def _engine_env(recipe: Mapping[str, Any]) -> dict[str, str]:
+    """Engine variables of the recipe, its overrides and every matrix entry, as the job's env.
+
+    The job is one process tree, so they apply to every step (later entries win); they matter
+    to serving engines (SGLang, vLLM) and are inert for the project's own forward.
+    """
+    env: dict[str, str] = {}
+    sources = [recipe.get("engine_defaults"), recipe.get("engine_overrides")]
+    sources += [r.get("engine_overrides") for r in recipe.get("run_matrix") or []]
+    for source in sources:
+        env.update({str(k): str(v) for k, v in ((source or {}).get("env") or {}).items()})
+    return env
 
 
 def plan_for(
