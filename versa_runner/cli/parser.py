@@ -30,7 +30,7 @@ VERBS = (
     "playbook",
     "demo",
 )
-EXAMPLES = {
+EXAMPLES: dict[str | None, str] = {
     None: """examples:
   versa-run --task validate_expert_math_toy              # detached; prints the run id
   versa-run --task validate_expert_math_toy --no-detach  # stream the log, exit with the job's code

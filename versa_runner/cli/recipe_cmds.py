@@ -25,7 +25,7 @@ from versa_runner.recipes.plan import plan_for, step_names
 REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SEED_PLAYBOOK = REPO_RECIPES / "playbook-20b_eaftreap075_kaggle.yaml"
 
-EXAMPLES = {
+EXAMPLES: dict[str | None, str] = {
     "recipe": """examples:
   versa-run recipe resolve recipes/eval-20b_eaftreap075_bigblocks_keep24_uniform.yaml
   versa-run recipe run recipes/reap-recipe_20b_eaftreap_keepfrac075_keep24_uniform.yaml --url-file url.txt

@@ -178,10 +178,10 @@ def render_noise(rows: Sequence[NoiseRow], *, noise_label: str) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        below = "**yes**" if r.threshold_below_noise else "no"
+        flag = "**yes**" if r.threshold_below_noise else "no"
         lines.append(f"| {r.seq} | {SHOWN[r.check]} | {_fmt(r.delta, r.check)} | "
                      f"{_fmt(r.limit, r.check)} | {_fmt(r.measured, r.check)} | "
-                     f"{_fmt(r.sampling, r.check)} | {below} |")  # fmt: skip
+                     f"{_fmt(r.sampling, r.check)} | {flag} |")  # fmt: skip
     below = [r for r in rows if r.threshold_below_noise]
     lines.append("")
     if below:
@@ -225,14 +225,14 @@ def gate_summary(
         right = load_eaft_json(right_json, param="right")
         summary = compare_runs(left, right, gates, require_same_blocks=False)
         rows = noise_rows(summary, left, summary)
-        text = [f"# Noise floor: {summary.left_label} vs {summary.right_label} (disjoint blocks, "
+        lines = [f"# Noise floor: {summary.left_label} vs {summary.right_label} (disjoint blocks, "
                 "same sizes)", "", f"- Gates: `{gates.name}` ({gates.path})", ""]  # fmt: skip
-        text += [f"- {_row_text(r)}" for r in summary.hero_rows]
+        lines += [f"- {_row_text(r)}" for r in summary.hero_rows]
         verdict = "PASS" if summary.passed else "FAIL"
-        text += ["", f"The gate applied to pure noise: **{verdict}** "
+        lines += ["", f"The gate applied to pure noise: **{verdict}** "
                  "(a FAIL here means the gate cannot be met at this sample size).", ""]  # fmt: skip
         atomic_write_text(
-            out_path, "\n".join(text) + "\n" + render_noise(rows, noise_label="this pair")
+            out_path, "\n".join(lines) + "\n" + render_noise(rows, noise_label="this pair")
         )
         headline = f"noise floor ({gates.name} on base vs base, disjoint blocks): {verdict}"
     else:

@@ -11,6 +11,7 @@ against heavy (does the gate tell them apart at this scale?), and the path of ev
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import IO, Any
@@ -27,7 +28,7 @@ __all__ = ["DEMO_RECIPE", "demo_summary", "prepare_demo_inputs", "tells_apart"]
 
 def prepare_demo_inputs(output_dir: Path, *, log: IO[str]) -> None:
     """Copy the trained tiny model to models/base and write the packs (idempotent)."""
-    from versa_kernels.fixtures.cli import main as fixtures
+    fixtures = importlib.import_module("versa_kernels.fixtures.cli").main  # GPU-side package
 
     base = output_dir / "models" / "base"
     if not (base / "config.json").is_file():

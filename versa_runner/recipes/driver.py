@@ -109,8 +109,8 @@ class _Kernel:
         import nbformat
         from nbclient import NotebookClient
         from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
-        from papermill.iorw import load_notebook_node
-        from papermill.parameterize import parameterize_notebook
+        from papermill.iorw import load_notebook_node  # type: ignore[import-untyped]
+        from papermill.parameterize import parameterize_notebook  # type: ignore[import-untyped]
 
         nb = parameterize_notebook(load_notebook_node(str(notebook_path)), dict(params))
         if self.km is None:  # made here, so no client owns (and shuts down) the kernel

@@ -16,6 +16,7 @@ an error naming the recipe key, never ignored.
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -166,12 +167,13 @@ def reap_recipe_plan(
     a user would type; `from_scores` is relative to the recipe's folder). A recipe that records
     the kept experts it produced (every shipped `reap-recipe.yaml` does) gets a second step
     that checks the rebuild kept exactly those."""
-    from versa_kernels.eaftreap.recipe import build_params_from_recipe  # no torch at import
-    from versa_kernels.errors import KernelError
+    # GPU-side package, imported by name (it loads neither torch nor numpy for this mapper).
+    mapper = importlib.import_module("versa_kernels.eaftreap.recipe")
+    kernel_error = importlib.import_module("versa_kernels.errors").KernelError
 
     try:
-        values = build_params_from_recipe(recipe)
-    except KernelError as exc:
+        values = mapper.build_params_from_recipe(recipe)
+    except kernel_error as exc:
         raise ConfigError(f"{where}: {exc}", hint=getattr(exc, "hint", None)) from exc
     if model_path:
         values["model_path"] = model_path
