@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     plan = json.loads(Path(args[0]).read_text(encoding="utf-8"))
+    # Which copy runs matters on remote targets (the synced code tree, not a stale install).
+    _say(f"driver {Path(__file__).resolve().parent}, notebooks {args[2]}, cwd {Path.cwd()}")
     try:
         record = run_plan(plan, run_id=args[1], cwd=Path.cwd(), notebooks_dir=Path(args[2]))
     except StepFailed as exc:
