@@ -24,6 +24,7 @@ from versa_runner.recipes.plan import plan_for, step_names
 
 REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SEED_PLAYBOOK = REPO_RECIPES / "playbook-20b_eaftreap075_kaggle.yaml"
+DEMO_OUTPUT_DIR = "versa_demo"  # `versa-run demo` without --output-dir writes here
 
 EXAMPLES: dict[str | None, str] = {
     "recipe": """examples:
@@ -35,7 +36,7 @@ EXAMPLES: dict[str | None, str] = {
   versa-run playbook recipes/tiny/playbook-tiny_demo.yaml --no-detach
   versa-run logs last --follow                   # re-attach after the laptop slept""",
     "demo": """examples:
-  versa-run demo                       # tiny model, generated packs, this machine, ~3 min
+  versa-run demo                       # tiny model, generated packs, this machine; into ./versa_demo
   versa-run demo --output-dir /tmp/demo""",
 }
 
@@ -162,6 +163,10 @@ def cmd_demo(ctx: Context) -> int:
         raise UsageError("versa-run demo runs on this machine; it takes no --url/--url-file/--ssh",
                          hint="`versa-run playbook recipes/tiny/playbook-tiny_demo.yaml --url-file F` "
                          "runs the same plan on a remote target.")  # fmt: skip
+    if not getattr(a, "output_dir", None):  # its own folder, not the current one
+        a.output_dir = DEMO_OUTPUT_DIR
+        ctx.output_dir = Path(DEMO_OUTPUT_DIR).resolve()
+        ctx.out.command_options = ctx._repeat_options()  # follow-up commands name it
     recipe = load_recipe(DEMO_RECIPE)
     plan = plan_for(recipe, path=DEMO_RECIPE)
     if a.show_plan:
