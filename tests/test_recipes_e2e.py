@@ -120,6 +120,8 @@ def test_the_recipe_a_build_ships_rebuilds_the_same_kept_experts(demo):
     shipped = Path(manifest["out_dir"]) / "reap-recipe.yaml"
     resolved = _versa("recipe", "resolve", str(shipped), cwd=out)
     assert resolved.returncode == 0 and "keep_experts_by_layer" in resolved.stdout
+    scores = _versa("recipe", "resolve", str(shipped.with_name("reap-scores.yaml")), cwd=out)
+    assert scores.returncode == 0 and "kind: reap_scores" in scores.stdout, scores.stderr
     again = _versa("recipe", "run", str(shipped), "--overwrite", "--no-detach", cwd=out)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     assert "kept experts of" in again.stdout and "match the recipe in all 4 layers" in again.stdout
