@@ -222,8 +222,10 @@ def _run_step(
             reports.append(f"reports/decode_bench_{params['name']}.md")
         if step["task"] == "validate_expert_math_toy":
             reports.append(output)
-        if step["task"].startswith("build_pruned") and not (cwd / output).exists():
-            raise StepFailed(f"the build wrote nothing at {output}")
+        if step["task"].startswith("build_pruned"):
+            if not (cwd / output).exists():
+                raise StepFailed(f"the build wrote nothing at {output}")
+            reports += _build_reports(cwd / output, cwd=cwd)
         return {**entry, "reports": reports}
     if "summarize" in step:
         from versa_runner.errors import VersaRunError
@@ -252,6 +254,22 @@ def _run_step(
     plots = [str(Path(p).relative_to(cwd)) if Path(p).is_relative_to(cwd) else p
              for p in result.get("plots", [])]  # fmt: skip
     return {"output": output, "reports": [output, *plots], "decode": result}
+
+
+def _build_reports(output: Path, *, cwd: Path) -> list[str]:
+    """The build's markdown report (`reports/build_pruned_<variant>.md`), found through the
+    recipe the checkpoint ships (output: the checkpoint, or the index whose out_dir it is)."""
+    import yaml
+
+    checkpoint = output
+    if output.is_file():  # the index manifest: its primary build
+        checkpoint = Path(json.loads(output.read_text(encoding="utf-8")).get("out_dir", ""))
+    recipe = checkpoint / "reap-recipe.yaml"
+    if not recipe.is_file():
+        return []
+    name = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("name", "")
+    report = Path("reports") / f"build_pruned_{name}.md"
+    return [str(report)] if (cwd / report).is_file() else []
 
 
 def _check_kept(spec: Mapping[str, Any], *, cwd: Path) -> dict[str, Any]:
