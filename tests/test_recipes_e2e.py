@@ -92,6 +92,7 @@ def test_tiny_recipes_build_then_pair_from_manifest_then_noise(demo):
     assert Path(eaft["meta"]["model_path"]).resolve() == pruned.resolve()  # read from the manifest
     summary = (out / "reports/eaft_tiny_budgeted050_vs_base.md").read_text()
     assert "## Gate Result:" in summary and "## Gate beside its noise" in summary
+    assert "disjoint blocks of the same size (tiny-base-disjoint.json)" in summary  # measured
     noise = _versa(
         "recipe", "run", str(TINY / "eval-tiny_base_vs_base_noise.yaml"), "--no-detach", cwd=out
     )

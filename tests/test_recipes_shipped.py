@@ -80,6 +80,18 @@ def test_eval_recipes_pair_every_matrix_entry_on_the_same_blocks():
     assert steps["gate"]["summarize"]["comparison"] == "noise"
 
 
+def test_an_eval_recipe_with_noise_enabled_measures_it_in_the_same_job():
+    path = RECIPES / "tiny" / "eval-tiny_budgeted050_vs_base.yaml"
+    steps = {s["name"]: s for s in plan_for(load_recipe(path), path=path)["steps"]}
+    left, noise = steps["eaft_left"]["params"], steps["eaft_left_noise"]["params"]
+    assert (
+        noise["block_offset"] == left["num_blocks"] == 8
+        and noise["model_path"] == left["model_path"]
+    )
+    assert steps["gate"]["summarize"]["noise"] == [{"$output": "eaft_left"},
+                                                   {"$output": "eaft_left_noise"}]  # fmt: skip
+
+
 def test_reap_recipe_builds_through_the_task_with_its_flags():
     path = RECIPES / "reap-recipe_20b_eaftreap_keepfrac060_keep20.yaml"
     [step] = plan_for(load_recipe(path), path=path)["steps"]

@@ -239,6 +239,9 @@ def eval_recipe_plan(recipe: Mapping[str, Any], *, where: str) -> dict[str, Any]
     gates = recipe.get("gates_json")  # a path on the target; default: the packaged v1 file
     steps: list[dict[str, Any]] = []
     single = "run_matrix" not in recipe
+    # noise.enabled: the left model again on the next num_blocks blocks, so each gate row shows
+    # its measured noise (what the separate base-vs-base recipe measures, inside this job).
+    with_noise = bool((recipe.get("noise") or {}).get("enabled")) and comparison == "parity"
     for run_name, params in collector_runs(recipe):
         run = "" if single else _safe(run_name) + "_"
         for side, spec in sides:
@@ -249,10 +252,22 @@ def eval_recipe_plan(recipe: Mapping[str, Any], *, where: str) -> dict[str, Any]
             values["model_path"] = _side_path(spec, where=f"{where} pair.{side}")
             steps.append(task_step(f"eaft_{run}{side}", "eaft_single", values,
                                    where=f"{where} run {run_name} pair.{side}"))  # fmt: skip
+            if side == "left" and with_noise:
+                offset = int(values.get("num_blocks", 256)) + int(values.get("block_offset", 0))
+                noisy = {
+                    **values,
+                    "model_id": f"{values['model_id']}-disjoint",
+                    "block_offset": offset,
+                }
+                steps.append(task_step(f"eaft_{run}left_noise", "eaft_single", noisy,
+                                       where=f"{where} run {run_name} noise"))  # fmt: skip
         if len(sides) == 2:
+            noise = ([{"$output": f"eaft_{run}left"}, {"$output": f"eaft_{run}left_noise"}]
+                     if with_noise else None)  # fmt: skip
             steps.append({"name": f"gate_{run}".rstrip("_"), "summarize": {
                 "left": {"$output": f"eaft_{run}left"}, "right": {"$output": f"eaft_{run}right"},
-                "out_md": f"reports/{name}_{run}".rstrip("_") + ".md", "allow_informational": True, "comparison": comparison,
+                "out_md": f"reports/{name}_{run}".rstrip("_") + ".md", "allow_informational": True,
+                "comparison": comparison, "noise": noise,
                 **({"gates_json": gates} if gates else {})}})  # fmt: skip
     return {"schema_version": PLAN_SCHEMA_VERSION, "name": name, "steps": steps,
             "env": _engine_env(recipe)}  # fmt: skip

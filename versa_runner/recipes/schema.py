@@ -59,6 +59,7 @@ _EVAL_BASE = {
 _EVAL_RECIPE = {
     **_EVAL_BASE,
     "comparison": ANY,
+    "noise": {"enabled": ANY},
     "pair": {"left": _SIDE, "right": _SIDE},
     "collector_overrides": COLLECTOR_KEYS,
     "engine_overrides": _ENGINE,
