@@ -77,6 +77,21 @@ def test_blocks_are_exact_deterministic_and_hashed(fx):
         pack_blocks(texts[:2], TokenCache(tok), seq_len=50, num_blocks=1000, eos_id=7)
 
 
+def test_block_offset_gives_the_next_blocks_disjoint_and_the_same_size(fx):
+    """The noise floor's second run: the blocks after the first num_blocks (issue 12)."""
+    tok = AutoTokenizer.from_pretrained(fx["model"])
+    texts = read_pack_texts(fx["packs"][0])
+    both = pack_blocks(texts, TokenCache(tok), seq_len=50, num_blocks=8, eos_id=7)
+    first = pack_blocks(texts, TokenCache(tok), seq_len=50, num_blocks=4, eos_id=7)
+    after = pack_blocks(texts, TokenCache(tok), seq_len=50, num_blocks=4, eos_id=7, block_offset=4)
+    assert after.input_ids.shape == first.input_ids.shape
+    assert torch.equal(after.input_ids, both.input_ids[4:])  # the next 4 blocks, in order
+    assert torch.equal(after.keep, both.keep[4:]) and not after.keep[:, 0].any()
+    assert after.rows_sha256 == both.rows_sha256 != first.rows_sha256  # rows read, both sides
+    with pytest.raises(DataError, match="block_offset=1000"):
+        pack_blocks(texts, TokenCache(tok), seq_len=50, num_blocks=4, eos_id=7, block_offset=1000)
+
+
 def test_union_interleaves_row_by_row():
     packs = {"a": ["a0", "a1", "a2"], "b": ["b0"], "c": ["c0", "c1"]}
     assert list(union_rows(packs)) == ["a0", "b0", "c0", "a1", "c1", "a2"]

@@ -47,6 +47,8 @@ def make_project(root: Path) -> Path:
     (root / "kernels/.env").write_text("HF_TOKEN=hf_secret\n")
     (root / "notebooks/task.ipynb").write_text("{}\n")
     (root / "notebooks/link.ipynb").symlink_to("/etc/passwd")
+    (root / "versa_runner").mkdir()  # shipped too: the playbook driver runs on the target
+    (root / "versa_runner/__init__.py").write_text("")
     return root
 
 
@@ -59,7 +61,11 @@ def test_archive_is_reproducible_and_excludes_junk(tmp_path: Path) -> None:
     with tarfile.open(first.path) as tar:
         names = [m.name for m in tar.getmembers() if m.isfile()]
         assert {m.mtime for m in tar.getmembers()} == {0}
-    assert names == ["kernels/versa_kernels/__init__.py", "notebooks/task.ipynb"]
+    assert names == [
+        "kernels/versa_kernels/__init__.py",
+        "notebooks/task.ipynb",
+        "versa_runner/__init__.py",
+    ]
     (project / "kernels/versa_kernels/__init__.py").write_text("VALUE = 2\n")
     assert codesync.build_archive(project, tmp_path / "c").sha256 != first.sha256
 
@@ -69,7 +75,7 @@ def test_stage_code_extracts_once_and_refuses_unsafe_archives(tmp_path: Path) ->
     with LocalBackend(tmp_path / "target") as backend:
         code_dir = Path(codesync.stage_code(backend, project, tmp_path / "work"))
         assert (code_dir / "kernels/versa_kernels/__init__.py").read_text() == "VALUE = 1\n"
-        assert codesync.code_pythonpath(str(code_dir)) == [f"{code_dir}/kernels"]
+        assert codesync.code_pythonpath(str(code_dir)) == [f"{code_dir}/kernels", str(code_dir)]
         stamp = (code_dir / codesync.STATE_FILE).stat().st_mtime_ns
         assert Path(codesync.stage_code(backend, project, tmp_path / "work")) == code_dir
         assert (code_dir / codesync.STATE_FILE).stat().st_mtime_ns == stamp  # skipped

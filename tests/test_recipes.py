@@ -55,20 +55,27 @@ def test_child_overrides_parent_deeply_and_replaces_lists(tmp_path):
 
 
 def test_multiple_parents_merge_left_to_right_and_diamond_is_not_a_cycle(tmp_path):
-    _w(tmp_path / "base.yaml", {"a": 1, "m": {"x": 1}})
-    _w(tmp_path / "left.yaml", {"extends": "base.yaml", "a": 2, "m": {"y": 2}})
-    _w(tmp_path / "right.yaml", {"extends": "base.yaml", "a": 3, "m": {"z": 3}})
-    top = _w(tmp_path / "top.yaml", {"extends": ["left.yaml", "right.yaml"], "b": 9})
-    assert load_recipe(top) == {"a": 3, "m": {"x": 1, "y": 2, "z": 3}, "b": 9}
+    _w(tmp_path / "base.yaml", {"schema_version": 1, "kind": "eval_base", "name": "b",
+                                "collector_defaults": {"top_k": 4}})  # fmt: skip
+    _w(tmp_path / "left.yaml", {"extends": "base.yaml", "name": "l",
+                                "collector_defaults": {"num_blocks": 2}})  # fmt: skip
+    _w(tmp_path / "right.yaml", {"extends": "base.yaml", "name": "r",
+                                 "collector_defaults": {"batch_size": 3}})  # fmt: skip
+    top = _w(tmp_path / "top.yaml", {"extends": ["left.yaml", "right.yaml"],
+                                     "kind": "eval_recipe", "comparison": "noise"})  # fmt: skip
+    assert load_recipe(top) == {
+        "schema_version": 1, "kind": "eval_recipe", "name": "r", "comparison": "noise",
+        "collector_defaults": {"top_k": 4, "num_blocks": 2, "batch_size": 3},
+    }  # fmt: skip
 
 
 def test_cycle_is_named(tmp_path):
-    _w(tmp_path / "a.yaml", {"extends": "b.yaml"})
-    _w(tmp_path / "b.yaml", {"extends": "a.yaml"})
+    _w(tmp_path / "a.yaml", {"extends": "b.yaml", "kind": "eval_base", "schema_version": 1})
+    _w(tmp_path / "b.yaml", {"extends": "a.yaml", "kind": "eval_base", "schema_version": 1})
     with pytest.raises(ConfigError, match=r"a.yaml -> b.yaml -> a.yaml") as info:
         load_recipe(tmp_path / "a.yaml")
     assert info.value.hint
-    _w(tmp_path / "self.yaml", {"extends": "self.yaml"})
+    _w(tmp_path / "self.yaml", {"extends": "self.yaml", "kind": "eval_base"})
     with pytest.raises(ConfigError, match="extends itself"):
         load_recipe(tmp_path / "self.yaml")
 
@@ -80,6 +87,10 @@ def test_cycle_is_named(tmp_path):
         ("a: [1,\n", "not readable YAML"),
         ({"extends": 3}, "'extends' must be a path"),
         ({"extends": "missing.yaml"}, "missing.yaml not found"),
+        ({"schema_version": 1, "name": "x"}, "no `kind`"),
+        ({"schema_version": 1, "kind": "eval_thing"}, "kind 'eval_thing' is not one of"),
+        ({"schema_version": 9, "kind": "eval_base"}, "eval_base schema_version 9 is not supported"),
+        ({"schema_version": 1, "kind": "eval_base", "status": "someday"}, "status 'someday'"),
     ],
 )
 def test_bad_recipes_give_clear_errors(tmp_path, content, message):
@@ -94,18 +105,44 @@ def test_merge_does_not_mutate_inputs():
     assert base == {"m": {"x": [1]}}
 
 
+def test_unknown_key_is_named_with_its_file(tmp_path):
+    _w(tmp_path / "eval-base.yaml", EVAL_BASE)
+    typo = _w(tmp_path / "sub" / "eval-x.yaml", {"extends": "../eval-base.yaml",
+                                                 "kind": "eval_recipe", "collector_overides": {}})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"eval-x.yaml: unknown key 'collector_overides'"):
+        load_recipe(typo)
+    nested = _w(tmp_path / "eval-y.yaml", {"extends": "eval-base.yaml", "kind": "eval_recipe",
+                                           "pair": {"left": {"modle_path": "/m"}}})  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"eval-y.yaml: unknown key 'pair.left.modle_path'"
+    ) as info:
+        load_recipe(nested)
+    assert "model_path" in info.value.hint  # the allowed keys are listed
+    in_matrix = _w(tmp_path / "eval-z.yaml", {"extends": "eval-base.yaml", "kind": "eval_recipe",
+                                              "run_matrix": [{"name": "a", "collector_overrides": {"seq": 1}}]})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"'run_matrix\[0\].collector_overrides.seq'"):
+        load_recipe(in_matrix)
+    bad_parent = _w(tmp_path / "p.yaml", {"kind": "eval_base", "schema_version": 1, "bogus": 1})
+    child = _w(tmp_path / "c.yaml", {"extends": "p.yaml", "kind": "eval_recipe"})
+    with pytest.raises(ConfigError, match=r"p.yaml: unknown key 'bogus'"):
+        load_recipe(child)  # the parent's own file is named, not the child's
+    assert bad_parent.exists()
+
+
 def test_collector_runs_apply_overrides_and_matrix(tmp_path):
     _w(tmp_path / "eval-base.yaml", EVAL_BASE)
     single = _w(
         tmp_path / "s.yaml",
-        {"extends": "eval-base.yaml", "name": "s", "collector_overrides": {"num_blocks": 64}},
-    )
+        {"extends": "eval-base.yaml", "kind": "eval_recipe", "name": "s",
+         "collector_overrides": {"num_blocks": 64}},
+    )  # fmt: skip
     [(name, params)] = collector_runs(load_recipe(single))
     assert name == "s" and params["num_blocks"] == 64 and params["top_k"] == 4
     matrix = _w(
         tmp_path / "m.yaml",
         {
             "extends": "eval-base.yaml",
+            "kind": "eval_recipe",
             "run_matrix": [
                 {
                     "name": "seq4096",

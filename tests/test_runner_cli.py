@@ -197,6 +197,7 @@ def test_registry_matches_design_table() -> None:
         "build_pruned_20b_eaftreap_keepfrac": "build_pruned",
         "eaft_single": "eaft_single",
         "decode_bench": "decode_bench",
+        "playbook": "playbook",
     }
     assert {name: task.notebook for name, task in tasks.TASKS.items()} == expected
     with pytest.raises(UsageError, match="known tasks"):

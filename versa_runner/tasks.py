@@ -179,6 +179,18 @@ def _check_keepfrac(values: dict[str, Any]) -> None:
         )
 
 
+def _check_plan(values: dict[str, Any]) -> None:
+    import json
+
+    try:
+        plan = json.loads(values["plan"])
+    except ValueError as exc:
+        raise UsageError(f"--plan: expected a JSON plan, got {values['plan'][:40]!r} ({exc})",
+                         hint="Write plans with `versa-run playbook` or `versa-run recipe run`.") from None  # fmt: skip
+    if not isinstance(plan, dict) or not isinstance(plan.get("steps"), list) or not plan["steps"]:
+        raise UsageError("--plan: expected a JSON object with a non-empty 'steps' list")
+
+
 # ---- the registry -----------------------------------------------------------------------------
 # One row per flag: (flag, kind, default, help, keyword options). Kept as a table on purpose.
 
@@ -220,7 +232,11 @@ def _build_params(*, keep_frac: Param, layout_default: str) -> tuple[Param, ...]
         Param("--max-tokens-per-row", "int", 0, "cap on completion tokens scored per row "
               "(0: score every completion token)", low=0, high=1_048_576),
         Param("--baseline-eval-rows", "int", 0, "held-out rows for the PPL of EAFT-REAP vs "
-              "frequency vs random, 5 seeds (0: skip)", low=0, high=1_000_000),
+              "frequency vs random (0: skip)", low=0, high=1_000_000),
+        Param("--baseline-random-seeds", "int", 5, "random prunes averaged in the baseline "
+              "comparison", low=1, high=1000),
+        Param("--from-scores", "str", "", "re-cut from this reap-scores.yaml: no profile, no "
+              "forward (calibration flags are then the file's)"),
         _GPUS,
     )
 
@@ -275,6 +291,8 @@ _TASK_LIST = (
             Param("--top-k", "int", 4, "experts routed per token", low=1, high=128),
             Param("--entropy-top-k", "int", 20, "entropy over the top-k renormalized probs", low=2, high=1024),
             _GPUS,
+            Param("--block-offset", "int", 0, "skip this many blocks first (num_blocks: disjoint "
+                  "blocks of the same size, for the noise floor)", low=0, high=1_000_000),
         ),
         ("artifacts/eaft_models/<run_id>/<model_id>.json",),
     ),
@@ -292,6 +310,15 @@ _TASK_LIST = (
             Param("--warmup", "int", 1, "untimed passes per batch size before timing", low=0, high=100),
         ),
         ("artifacts/decode_bench/<name>.json", "reports/decode_bench_<name>.md"),
+    ),
+    Task(
+        "playbook", "playbook",
+        "Run a plan of steps (validate, build, eaft_single, gate summary, decode_bench) as one "
+        "job; written by `versa-run playbook`, `versa-run recipe run` and `versa-run demo`.",
+        (Param("--plan", "str", None, "the steps, as JSON (versa_runner.recipes.plan)", required=True),),
+        ("reports/playbook_<run_id>.json", "reports/notebooks/<run_id>_<step>.ipynb",
+         "every step's outputs"),
+        _check_plan,
     ),
 )
 # fmt: on

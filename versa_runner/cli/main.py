@@ -10,7 +10,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from versa_runner.cli import commands, tools
+from versa_runner.cli import commands, recipe_cmds, tools
 from versa_runner.cli.context import Context
 from versa_runner.cli.output import Output
 from versa_runner.cli.parser import build_parser, option_strings, with_implicit_submit
@@ -29,6 +29,10 @@ COMMANDS: dict[str, Callable[[Context], int]] = {
     "doctor": tools.cmd_doctor,
     "fixtures": tools.cmd_fixtures,
     "summarize": tools.cmd_summarize,
+    "summarize-decode": tools.cmd_summarize_decode,
+    "recipe": recipe_cmds.cmd_recipe,
+    "playbook": recipe_cmds.cmd_playbook,
+    "demo": recipe_cmds.cmd_demo,
 }
 
 
@@ -41,8 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         Output(json_mode="--json" in argv).error(error)
         return int(error.exit_code)
-    if getattr(args, "verb", None) == "fixtures":
-        # The delegated verb gets its tail verbatim: argparse.REMAINDER moves a leading --flag
+    if getattr(args, "verb", None) in ("fixtures", "summarize-decode"):
+        # Delegated verbs get their tail verbatim: argparse.REMAINDER moves a leading --flag
         # into `extra` (`fixtures --help` lost --help).
         args.args, extra = argv[argv.index(args.verb) + 1 :], []
     debug = getattr(args, "debug", False)

@@ -11,6 +11,8 @@ import re
 from typing import Any, NoReturn
 
 from versa_runner import tasks
+from versa_runner.cli.recipe_cmds import EXAMPLES as RECIPE_EXAMPLES
+from versa_runner.cli.recipe_cmds import add_recipe_verbs
 from versa_runner.errors import UsageError
 from versa_runner.params import did_you_mean
 
@@ -26,8 +28,12 @@ VERBS = (
     "doctor",
     "fixtures",
     "summarize",
+    "summarize-decode",
+    "recipe",
+    "playbook",
+    "demo",
 )
-EXAMPLES = {
+EXAMPLES: dict[str | None, str] = {
     None: """examples:
   versa-run --task validate_expert_math_toy              # detached; prints the run id
   versa-run --task validate_expert_math_toy --no-detach  # stream the log, exit with the job's code
@@ -61,6 +67,9 @@ tasks: """
     "summarize": "examples:\n  versa-run summarize --left-json base.json --right-json pruned.json --out-md reports/parity.md\n"
     "  versa-run summarize --left-json A.json --right-json B.json --out-md S.md --gates-json my_gates.json\n"
     "exit status: 0 PASS, 1 FAIL (the levers to pull next are printed), 2 when the pair cannot be compared",
+    "summarize-decode": "examples:\n  versa-run summarize-decode artifacts/decode_bench/base.json "
+    "artifacts/decode_bench/pruned.json --out-md reports/decode.md",
+    **RECIPE_EXAMPLES,
 }
 RUN_HELP = "run id, unique prefix of one, or `last`; omitted: the newest run in the journal"
 
@@ -179,6 +188,14 @@ def build_parser() -> _Parser:
     summarize.add_argument("--out-md", required=True, metavar="FILE", help="markdown report to write (plots beside it)")
     summarize.add_argument("--gates-json", default=None, metavar="FILE",
                            help="gates file (default: near_lossless_gates.json shipped with versa_runner.parity)")
+    summarize.add_argument("--noise-json", nargs=2, default=None, metavar=("BASE", "BASE_DISJOINT"),
+                           help="the base on its blocks and on disjoint blocks of the same size (eaft_single "
+                           "--block-offset NUM_BLOCKS): their deltas are shown beside this pair's as measured noise")
+    summarize.add_argument("--noise-floor", action="store_true",
+                           help="left and right are one model on disjoint blocks: report the noise floor itself")
+    decode = verb("summarize-decode", "base and pruned decode_bench side by side", add_help=False)
+    decode.add_argument("args", nargs=argparse.REMAINDER, help="BASE.json PRUNED.json [--out-md FILE]")
+    add_recipe_verbs(verb)
     parser.verb_parsers = dict(verbs.choices)
     return parser
 # fmt: on

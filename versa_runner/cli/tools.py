@@ -88,12 +88,27 @@ def _fixtures_help(parser: argparse.ArgumentParser) -> str:
 
 
 def cmd_summarize(ctx: Context) -> int:
-    """Compare two eaft_single JSONs, write the report, print the verdict: 0 PASS, 1 FAIL."""
-    from versa_runner.parity.summarize import summarize_pair
+    """Compare two eaft_single JSONs, write the report (with the noise section), print the
+    verdict: 0 PASS, 1 FAIL."""
+    from versa_runner.parity.noise import gate_summary
 
     a = ctx.args
-    summary = summarize_pair(a.left_json, a.right_json, a.out_md, a.gates_json)
-    levers = () if summary.passed else next_steps.FAIL_LEVERS
-    ctx.out.verdict(out_md=a.out_md, gate=summary.gates.name, passed=summary.passed,
-                    failures=list(summary.failures), levers=list(levers))  # fmt: skip
-    return 0 if summary.passed else 1
+    result = gate_summary(
+        left_json=a.left_json, right_json=a.right_json, out_md=a.out_md, gates_json=a.gates_json,
+        noise=a.noise_json, comparison="noise" if a.noise_floor else "parity",
+    )  # fmt: skip
+    passed = result["verdict"] == "PASS"
+    levers = () if passed or a.noise_floor else next_steps.FAIL_LEVERS
+    ctx.out.verdict(out_md=a.out_md, gate=result["gate"], passed=passed,
+                    failures=list(result["failures"]), levers=list(levers))  # fmt: skip
+    below = [f"seq={n['seq']} {n['check']}" for n in result["noise"] if n["threshold_below_noise"]]
+    if below:
+        ctx.out.info(f"thresholds below the noise at this sample size: {', '.join(below)}")
+    return 0 if passed else 1
+
+
+def cmd_summarize_decode(ctx: Context) -> int:
+    """`summarize-decode BASE.json PRUNED.json`: its own flags, in `versa_runner.parity.decode`."""
+    from versa_runner.parity.decode import main as summarize_decode
+
+    return summarize_decode(list(ctx.args.args))

@@ -209,8 +209,14 @@ def _share_below(low: float, high: float, threshold: float) -> float:
     return (threshold - low) / (high - low)
 
 
-def compare_runs(left: dict[str, Any], right: dict[str, Any], gates: Gates) -> PairSummary:
-    """Rows, verdict, failures and warnings for two loaded collector JSONs (refuses if unsafe)."""
+def compare_runs(
+    left: dict[str, Any], right: dict[str, Any], gates: Gates, *, require_same_blocks: bool = True
+) -> PairSummary:
+    """Rows, verdict, failures and warnings for two loaded collector JSONs (refuses if unsafe).
+
+    `require_same_blocks=False` is for the noise floor only: the same model on disjoint blocks
+    (`parity.noise`); a parity verdict always needs the same blocks.
+    """
     _refuse_on_setting_mismatch(left["meta"], right["meta"])
     left_packs, right_packs = _index_rows(left), _index_rows(right)
     for seq in gates.primary_seq_lens:
@@ -225,7 +231,7 @@ def compare_runs(left: dict[str, Any], right: dict[str, Any], gates: Gates) -> P
                 )
     rows = []
     for key in sorted(set(left_packs) & set(right_packs), key=lambda k: (k[0], int(k[1]))):
-        rows.append(_pair_row(key, left_packs[key], right_packs[key]))
+        rows.append(_pair_row(key, left_packs[key], right_packs[key], require_same_blocks))
     hero = tuple(
         r for r in rows if r.pack == gates.primary_pack and r.seq in gates.primary_seq_lens
     )
@@ -276,9 +282,12 @@ def _index_rows(run: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
     return out
 
 
-def _pair_row(key: tuple[str, str], left: dict[str, Any], right: dict[str, Any]) -> PairRow:
+def _pair_row(
+    key: tuple[str, str], left: dict[str, Any], right: dict[str, Any], same_blocks: bool = True
+) -> PairRow:
     pack, seq = key
-    if left.get("rows_sha256") != right.get("rows_sha256") or not left.get("rows_sha256"):
+    differ = left.get("rows_sha256") != right.get("rows_sha256")
+    if (differ and same_blocks) or not left.get("rows_sha256"):
         raise ConfigError(
             f"pack={pack} seq={seq}: the runs used different blocks or did not record them (rows_sha256 "
             f"{str(left.get('rows_sha256'))[:12]}... vs {str(right.get('rows_sha256'))[:12]}...)",
@@ -341,12 +350,14 @@ def summarize_pair(
     left_json: str | Path,
     right_json: str | Path,
     out_md: str | Path,
-    gates_json: str | Path | None = None,
+    gates_json: str | Path | Gates | None = None,
 ) -> PairSummary:
-    """Load, compare, plot and write the markdown report; returns the summary (raises on refusal)."""
+    """Load, compare, plot and write the markdown report; returns the summary (raises on refusal).
+
+    `gates_json` is a gates file, or already loaded `Gates` (the noise summary passes those)."""
     from versa_runner.parity.report import render_markdown, write_plots
 
-    gates = load_gates(gates_json)
+    gates = gates_json if isinstance(gates_json, Gates) else load_gates(gates_json)
     left = load_eaft_json(left_json, param="--left-json")
     right = load_eaft_json(right_json, param="--right-json")
     left.setdefault("_path_stem", Path(left_json).stem)

@@ -64,6 +64,7 @@ TASK_REQUIREMENTS: Mapping[str, Mapping[str, str]] = {
     "build_pruned_20b_eaftreap_keepfrac": {**GPU_REQUIREMENTS, **DATA_REQUIREMENTS},
     "eaft_single": {**GPU_REQUIREMENTS, **DATA_REQUIREMENTS},
     "decode_bench": GPU_REQUIREMENTS,
+    "playbook": {**GPU_REQUIREMENTS, **DATA_REQUIREMENTS},  # runs every task's notebook
 }
 
 

@@ -35,7 +35,7 @@ from versa_runner.target.layout import CODE_STATE_FILE as STATE_FILE
 
 CODE_DIR = "versa_code"
 INCOMING_DIR = f"{CODE_DIR}/incoming"
-DEFAULT_TREES = ("kernels", "notebooks")
+DEFAULT_TREES = ("kernels", "notebooks", "versa_runner")  # the playbook driver runs on the target
 MAX_ARCHIVE_BYTES = 200 << 20  # versa_spec §8.7: refuse a compressed tree over 200 MiB
 HASH_NAME_CHARS = 16
 EXTRACT_TIMEOUT_S = 600.0
@@ -156,8 +156,9 @@ def stage_code(
 
 
 def code_pythonpath(code_dir: str) -> list[str]:
-    """Entries the job's PYTHONPATH needs so `import versa_kernels` finds the synced copy."""
-    return [f"{code_dir}/kernels"]
+    """Entries the job's PYTHONPATH needs so `import versa_kernels` (and `versa_runner`, whose
+    playbook driver runs on the target) find the synced copy."""
+    return [f"{code_dir}/kernels", code_dir]
 
 
 def _synced_sha256(backend: Backend, code_dir: str) -> str | None:

@@ -12,8 +12,12 @@ Every model of a comparison must see exactly the same tokens, so blocks are a pu
 - `keep[0]` of every block is forced False: nothing in the block predicts its first token.
 - Packing stops at `num_blocks`; fewer available is an error (a silent short run would change
   PPL and break comparability).
-- `rows_sha256` is SHA-256 over each consumed row's UTF-8 text followed by a NUL byte, so two
-  runs can prove they used the same rows. Each (pack, seq_len) starts again at the first row.
+- `block_offset` cuts and drops that many blocks first, so a run with `block_offset=num_blocks`
+  sees the next `num_blocks` blocks: disjoint tokens, same sizes (the base-against-base noise
+  floor). A row that straddles the boundary contributes tokens to both sides, never the same
+  token.
+- `rows_sha256` is SHA-256 over each consumed row's UTF-8 text followed by a NUL byte (rows read
+  for dropped blocks included), so two runs can prove they used the same rows. Each (pack, seq_len) starts again at the first row.
 - UNION interleaves the packs row by row (row 0 of each pack, then row 1, ...; exhausted packs
   are skipped) so no single pack fills the first blocks.
 """
@@ -86,12 +90,16 @@ def pack_blocks(
     num_blocks: int,
     eos_id: int,
     pack: str = "",
+    block_offset: int = 0,
 ) -> Blocks:
     """Cut `num_blocks` blocks of exactly `seq_len` tokens from `rows` (module docstring)."""
     if seq_len < 2:
         raise ParameterError(f"seq_len must be >= 2 (one prediction per block), got {seq_len}")
     if num_blocks < 1:
         raise ParameterError(f"num_blocks must be >= 1, got {num_blocks}")
+    if block_offset < 0:
+        raise ParameterError(f"block_offset must be >= 0, got {block_offset}")
+    wanted = block_offset + num_blocks
     digest = hashlib.sha256()
     buf_ids: list[int] = []
     buf_keep: list[bool] = []
@@ -99,7 +107,7 @@ def pack_blocks(
     out_keep: list[list[bool]] = []
     rows_seen = 0
     for text in rows:
-        if len(out_ids) >= num_blocks:
+        if len(out_ids) >= wanted:
             break
         ids, keep = tokens.encode(text)
         rows_seen += 1
@@ -108,18 +116,19 @@ def pack_blocks(
         buf_ids.append(eos_id)
         buf_keep.extend(keep)
         buf_keep.append(False)
-        while len(buf_ids) >= seq_len and len(out_ids) < num_blocks:
+        while len(buf_ids) >= seq_len and len(out_ids) < wanted:
             block_keep = buf_keep[:seq_len]
             block_keep[0] = False
             out_ids.append(buf_ids[:seq_len])
             out_keep.append(block_keep)
             del buf_ids[:seq_len], buf_keep[:seq_len]
-    if len(out_ids) < num_blocks:
+    if len(out_ids) < wanted:
         raise DataError(
             f"pack {pack or '?'}: only {len(out_ids)} blocks of {seq_len} tokens from "
-            f"{rows_seen} rows, num_blocks={num_blocks} requested",
-            hint="Lower num_blocks or seq_lens_csv, or add pack files.",
+            f"{rows_seen} rows, num_blocks={num_blocks} + block_offset={block_offset} requested",
+            hint="Lower num_blocks, block_offset or seq_lens_csv, or add pack files.",
         )
+    del out_ids[:block_offset], out_keep[:block_offset]
     return Blocks(
         input_ids=torch.tensor(out_ids, dtype=torch.long),  # [N, S]
         keep=torch.tensor(out_keep, dtype=torch.bool),  # [N, S]

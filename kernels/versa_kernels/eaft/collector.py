@@ -287,6 +287,7 @@ def collect(
     experts_keep: Sequence[Sequence[int]] | None = None,
     gpus: int = 1,
     dist: DistContext | None = None,
+    block_offset: int = 0,
 ) -> Path:
     """Collect EAFT statistics of one model; returns the JSON path (see module docstring).
 
@@ -340,7 +341,13 @@ def collect(
     for seq_len in seq_lens:
         for name, rows in packs.items():
             blocks = pack_blocks(
-                rows, tokens, seq_len=seq_len, num_blocks=num_blocks, eos_id=eos_id, pack=name
+                rows,
+                tokens,
+                seq_len=seq_len,
+                num_blocks=num_blocks,
+                eos_id=eos_id,
+                pack=name,
+                block_offset=block_offset,
             )
             entry = collect_blocks(
                 model, blocks, batch_size=batch_size, entropy_top_k=entropy_top_k,
@@ -372,6 +379,7 @@ def collect(
         "entropy_topk": entropy_top_k,
         "cc_quantile": cc_quantile,
         "num_blocks": num_blocks,
+        "block_offset": block_offset,
         "batch_size": batch_size,
         "hist_xbins": hist_xbins,
         "hist_ybins": hist_ybins,

@@ -1,4 +1,4 @@
-"""YAML recipes with `extends`: resolve parents, deep-merge, detect cycles (eaftreap_spec §9.5).
+"""Recipe `extends`: resolve parents, deep-merge, detect cycles, check keys (eaftreap_spec §9.5).
 
 A recipe is a YAML mapping. `extends` (a string or a list of strings) names parent recipes by
 path relative to the **child file's directory**. Resolution:
@@ -8,6 +8,9 @@ path relative to the **child file's directory**. Resolution:
 2. Merge: when both sides hold a mapping under a key, merge recursively; otherwise the override
    replaces the value (lists are replaced, never concatenated).
 3. The result has no `extends` key and keeps key order (dumped with `sort_keys=False`).
+4. Every file's keys are checked against its kind's schema (`recipes.schema`): its own `kind`,
+   else the kind its parents resolve to. The merged recipe must name a known kind and a
+   schema_version that kind supports.
 
 Cycle detection follows the current chain of files only, so a diamond (two parents extending
 the same base) is allowed; the predecessor's shared "seen" set misreported it as a cycle
@@ -25,6 +28,7 @@ from typing import Any
 import yaml
 
 from versa_runner.errors import ConfigError
+from versa_runner.recipes.schema import check_keys, check_kind
 
 EXTENDS_KEY = "extends"
 MAX_EXTENDS_DEPTH = 32  # far beyond any real recipe; stops pathological chains early
@@ -33,8 +37,12 @@ __all__ = ["collector_runs", "dump_recipe", "load_recipe", "merge_recipes"]
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Load a recipe and resolve its `extends` chain into one mapping (no `extends` left)."""
-    return _resolve(Path(path).resolve(), chain=())
+    """Load a recipe, resolve its `extends` chain into one mapping (no `extends` left) and
+    check it: known kind, supported schema_version, no unknown key in any file."""
+    resolved = Path(path).resolve()
+    recipe = _resolve(resolved, chain=())
+    check_kind(recipe, where=str(path))
+    return recipe
 
 
 def merge_recipes(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -102,6 +110,13 @@ def _resolve(path: Path, *, chain: tuple[Path, ...]) -> dict[str, Any]:
     for parent in parents:
         parent_path = (path.parent / parent).resolve()
         merged = merge_recipes(merged, _resolve(parent_path, chain=(*chain, path)))
+    kind = recipe.get("kind", merged.get("kind"))
+    if kind is None:
+        raise ConfigError(
+            f"recipe {path}: no `kind` (in it or in a file it extends)",
+            hint="Add `kind:` (reap_recipe, reap_scores, eval_base, eval_recipe or playbook).",
+        )
+    check_keys(recipe, str(kind), where=str(path))
     return merge_recipes(merged, recipe)
 
 
