@@ -239,17 +239,22 @@ class Output:
             self._line(f"  {command}", style="cyan")
 
     def verdict(self, *, out_md: str, gate: str, passed: bool, failures: list[str],
-                levers: list[str]) -> None:  # fmt: skip
-        """A parity verdict: the report written, PASS/FAIL, each failed check, the levers."""
+                levers: list[str], below_noise: list[str] | None = None) -> None:  # fmt: skip
+        """A parity verdict: the report written, PASS/FAIL, each failed check, the checks whose
+        threshold sits below the measured noise, the levers."""
+        below_noise = below_noise or []
         if self.json_mode:
             self.emit_json({"out_md": out_md, "gate": gate, "passed": passed,
-                            "failures": failures, "levers": levers})  # fmt: skip
+                            "failures": failures, "below_noise": below_noise,
+                            "levers": levers})  # fmt: skip
             return
         self._line(f"[+] Wrote {out_md}")
         word = "PASS" if passed else "FAIL"
         self._line(f"Gate {gate}: {word}", style="bold green" if passed else "bold red")
         for failure in failures:
             self._line(f"  - {failure}")
+        if below_noise:
+            self._line(f"Thresholds below the noise at this sample size: {', '.join(below_noise)}")
         if levers:
             self._line("next levers (playbook §5, no finetune), one at a time:")
             for lever in levers:

@@ -99,11 +99,10 @@ def cmd_summarize(ctx: Context) -> int:
     )  # fmt: skip
     passed = result["verdict"] == "PASS"
     levers = () if passed or a.noise_floor else next_steps.FAIL_LEVERS
-    ctx.out.verdict(out_md=a.out_md, gate=result["gate"], passed=passed,
-                    failures=list(result["failures"]), levers=list(levers))  # fmt: skip
     below = [f"seq={n['seq']} {n['check']}" for n in result["noise"] if n["threshold_below_noise"]]
-    if below:
-        ctx.out.info(f"thresholds below the noise at this sample size: {', '.join(below)}")
+    ctx.out.verdict(out_md=a.out_md, gate=result["gate"], passed=passed,
+                    failures=list(result["failures"]), levers=list(levers),
+                    below_noise=below)  # fmt: skip
     return 0 if passed else 1
 
 
