@@ -142,6 +142,12 @@ class DistContext:
             out[name] = t.cpu().numpy()
         return out
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here (e.g. rank 0's file is complete)."""
+        import torch.distributed as dist
+
+        dist.barrier()
+
     def min_int(self, value: int) -> int:
         """The smallest ``value`` over all ranks (agreeing on where a resumed run stands)."""
         import torch
