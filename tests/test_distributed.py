@@ -191,3 +191,22 @@ def test_notebook_cell_streams_the_ranks_and_fails_naming_the_dead_one(fx, cpu_r
     assert "[rank 0]" in streamed and "rank 0: injected failure after 2 batches" in streamed
     assert "Root Cause (first observed failure)" in streamed
     assert not (tmp_path / "artifacts" / "eaft_models" / "nb").exists()  # nothing half-written
+
+
+def test_task_functions_have_one_return_type_and_a_typed_dist() -> None:
+    """Issue 13: the mode is a DistContext, never Any, and no return type depends on it."""
+    import importlib
+    import typing
+    from pathlib import Path as _Path
+
+    from versa_kernels.distributed import ENTRIES, DistContext
+    from versa_kernels.eaftreap.build import BuildResult, build_pruned
+
+    hints = typing.get_type_hints(build_pruned)
+    assert hints["return"] is BuildResult and "dist" not in hints  # never runs in a rank
+    returns = {"build_pruned": dict[str, typing.Any], "eaft_single": _Path}
+    for entry, target in ENTRIES.items():
+        module, name = target.split(":")
+        hints = typing.get_type_hints(getattr(importlib.import_module(module), name))
+        assert hints["return"] == returns[entry], entry
+        assert hints["dist"] in (DistContext, DistContext | None), entry

@@ -77,7 +77,7 @@ class SignalStats:
     count: int = 0
     _p: list[torch.Tensor] = field(default_factory=list)
     _h: list[torch.Tensor] = field(default_factory=list)
-    _samples: np.ndarray | None = None
+    _samples: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     _rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(RESERVOIR_SEED))
 
     def __post_init__(self) -> None:
