@@ -2,7 +2,8 @@
 
 Every multi-rank run here starts the real ``torch.distributed.run`` (torchrun) with two CPU
 processes (gloo), exactly as a notebook cell does on a multi-GPU host with NCCL. Launches cost
-~5-10 s each, so there are four: build 2 ranks, eaft 2 ranks, build with a dead rank, resume.
+~5-10 s each, so there are few: build on 2 ranks, eaft on 2 ranks, and for each task a
+dead rank followed by its resume.
 """
 
 from __future__ import annotations
@@ -160,6 +161,27 @@ def test_eaft_single_on_two_ranks_equals_one_process(fx, cpu_ranks) -> None:
             assert ma[key] == mb[key], key
         for key in ("ppl", "mean_nll", "var_nll", "mean_prob", "mean_entropy"):
             assert math.isclose(ma[key], mb[key], rel_tol=1e-9, abs_tol=1e-12), key
+
+
+def test_eaft_single_resumes_after_a_dead_rank(fx, cpu_ranks) -> None:
+    """Issue 14: a collection on 2 ranks that lost a rank continues from the finished entries."""
+    one = _collect(fx, "one_r")
+    # 5 blocks per entry, batch 1: rank 0 owns 3 batches of each entry; it dies as it starts
+    # its 5th own batch, inside the second entry, after every rank saved the first.
+    _kill_rank(cpu_ranks, rank=0, after=4)
+    with pytest.raises(KernelError, match=r"rank 0 died \(exit code 17\)"):
+        _collect(fx, "two_r", gpus=2)
+    run_dir = fx["root"] / "two_r" / "r"
+    state = torch.load(run_dir / "tiny__base.collect_state.rank0-of-2.pt", weights_only=True)
+    assert len(json.loads(state["finished"])) == 1 and "partial" not in state
+    cpu_ranks.delenv("VERSA_TEST_FAIL_RANK")
+    two = _collect(fx, "two_r", gpus=2)
+    for a, b in zip(one["packs"], two["packs"], strict=True):
+        ma, mb = a["seq"]["64"]["model"], b["seq"]["64"]["model"]
+        for key in ("hist2d_x_H", "samples", "p_thr", "h_thr", "cc_count", "kept_tokens"):
+            assert ma[key] == mb[key], key
+        assert math.isclose(ma["ppl"], mb["ppl"], rel_tol=1e-9)
+    assert not list(run_dir.glob("*.collect_state*"))  # the JSON is written: states are gone
 
 
 @pytest.mark.slow
