@@ -6,6 +6,7 @@
 the vocabulary never materializes for a whole block, computes (p, H_norm, logp) with
 `signals.token_signals`, and streams them into `stats.SignalStats`. The JSON keeps the field
 names of eaftreap_spec §6.6 plus `schema_version`, the engine, versions, device and timing.
+A lost session resumes: the streaming state is saved beside the JSON (`eaft.resume`).
 
 Easy to get wrong:
 - Logits at position t predict token t+1: hidden[:, :-1] pairs with targets input_ids[:, 1:]
