@@ -2,7 +2,8 @@
 
 Every multi-rank run here starts the real ``torch.distributed.run`` (torchrun) with two CPU
 processes (gloo), exactly as a notebook cell does on a multi-GPU host with NCCL. Launches cost
-~5-10 s each, so there are four: build 2 ranks, eaft 2 ranks, build with a dead rank, resume.
+~5-10 s each, so there are few: build on 2 ranks, eaft on 2 ranks, and for each task a
+dead rank followed by its resume.
 """
 
 from __future__ import annotations
@@ -162,6 +163,27 @@ def test_eaft_single_on_two_ranks_equals_one_process(fx, cpu_ranks) -> None:
             assert math.isclose(ma[key], mb[key], rel_tol=1e-9, abs_tol=1e-12), key
 
 
+def test_eaft_single_resumes_after_a_dead_rank(fx, cpu_ranks) -> None:
+    """Issue 14: a collection on 2 ranks that lost a rank continues from the finished entries."""
+    one = _collect(fx, "one_r")
+    # 5 blocks per entry, batch 1: rank 0 owns 3 batches of each entry; it dies as it starts
+    # its 5th own batch, inside the second entry, after every rank saved the first.
+    _kill_rank(cpu_ranks, rank=0, after=4)
+    with pytest.raises(KernelError, match=r"rank 0 died \(exit code 17\)"):
+        _collect(fx, "two_r", gpus=2)
+    run_dir = fx["root"] / "two_r" / "r"
+    state = torch.load(run_dir / "tiny__base.collect_state.rank0-of-2.pt", weights_only=True)
+    assert len(json.loads(state["finished"])) == 1 and "partial" not in state
+    cpu_ranks.delenv("VERSA_TEST_FAIL_RANK")
+    two = _collect(fx, "two_r", gpus=2)
+    for a, b in zip(one["packs"], two["packs"], strict=True):
+        ma, mb = a["seq"]["64"]["model"], b["seq"]["64"]["model"]
+        for key in ("hist2d_x_H", "samples", "p_thr", "h_thr", "cc_count", "kept_tokens"):
+            assert ma[key] == mb[key], key
+        assert math.isclose(ma["ppl"], mb["ppl"], rel_tol=1e-9)
+    assert not list(run_dir.glob("*.collect_state*"))  # the JSON is written: states are gone
+
+
 @pytest.mark.slow
 def test_notebook_cell_streams_the_ranks_and_fails_naming_the_dead_one(fx, cpu_ranks, tmp_path):
     """eaft_single.ipynb with gpus=2 under papermill: torchrun runs from inside the cell."""
@@ -191,3 +213,22 @@ def test_notebook_cell_streams_the_ranks_and_fails_naming_the_dead_one(fx, cpu_r
     assert "[rank 0]" in streamed and "rank 0: injected failure after 2 batches" in streamed
     assert "Root Cause (first observed failure)" in streamed
     assert not (tmp_path / "artifacts" / "eaft_models" / "nb").exists()  # nothing half-written
+
+
+def test_task_functions_have_one_return_type_and_a_typed_dist() -> None:
+    """Issue 13: the mode is a DistContext, never Any, and no return type depends on it."""
+    import importlib
+    import typing
+    from pathlib import Path as _Path
+
+    from versa_kernels.distributed import ENTRIES, DistContext
+    from versa_kernels.eaftreap.build import BuildResult, build_pruned
+
+    hints = typing.get_type_hints(build_pruned)
+    assert hints["return"] is BuildResult and "dist" not in hints  # never runs in a rank
+    returns = {"build_pruned": dict[str, typing.Any], "eaft_single": _Path}
+    for entry, target in ENTRIES.items():
+        module, name = target.split(":")
+        hints = typing.get_type_hints(getattr(importlib.import_module(module), name))
+        assert hints["return"] == returns[entry], entry
+        assert hints["dist"] in (DistContext, DistContext | None), entry

@@ -1,8 +1,8 @@
 """A lost GPU session resumes elsewhere (issue 14), end to end on real jupyter_servers.
 
 `build_pruned` on the tiny fixture model runs as a detached job on server A while `sync --watch`
-mirrors its outputs. As soon as the profile state appears (pass 1 done, pass 2 running), the job
-is frozen, the watcher brings the state home, and then the job and server A are killed: the
+mirrors its outputs. The job saves its state every second; as soon as a state appears (the one
+profiling pass part-way), the job is frozen, the watcher brings the state home, and then the job and server A are killed: the
 session is gone. `versa-run resume RUN` against a fresh server B with a fresh root re-submits the
 same task, parameters and code, uploads the state, and the job continues from it. Its kept
 experts and scores must equal those of an uninterrupted build of the same inputs.
@@ -28,11 +28,11 @@ from versa_runner.target import proc
 
 TASK = "build_pruned_20b_eaftreap_budgeted"
 SUBDIR = "20b_pruned_models_eaftreap_budgeted"
-ROWS = 48
+ROWS = 256  # a few seconds of profiling, so a save lands mid-pass
 FLAGS = ["--calib-pack-sample-strategy", "per_file", "--batch-size", "1", "--keep-frac", "0.75",
          "--min-keep-per-layer", "16", "--max-keep-per-layer", "32", "--core-pos-top-m", "4",
-         "--core-count-top-m", "0", "--num-rows", str(ROWS), "--max-seq-length", "128",
-         "--seed", "7"]  # fmt: skip
+         "--core-count-top-m", "0", "--num-rows", str(ROWS), "--max-seq-length", "256",
+         "--seed", "7", "--save-every-s", "1"]  # fmt: skip
 COMPARED = ("keep_experts_by_layer.json", "keep_counts_by_layer.json",
             "core_experts_by_layer.json")  # fmt: skip
 
@@ -59,10 +59,12 @@ def _profile_state(root: Path) -> Path:
     return root / "artifacts" / SUBDIR / "profile_state.pt"
 
 
-def _state_pass(path: Path) -> int:
+def _state_progress(path: Path) -> tuple[int, int]:
+    """(pass, batches done in it) of a saved profile state."""
     import torch
 
-    return int(torch.load(path, weights_only=True)["pass"])
+    state = torch.load(path, weights_only=True)
+    return int(state["pass"]), int(state["done"])
 
 
 def _sha(path: Path) -> str:
@@ -94,9 +96,10 @@ def test_killed_mid_profile_resumes_on_a_fresh_server_and_matches(tmp_path: Path
         watcher = subprocess.Popen(watch, cwd=out, env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)  # fmt: skip
         remote_state = _profile_state(server_a.root_dir)
-        wait_for(remote_state.exists, 240, "the profile state on server A (pass 1 done)")
+        wait_for(remote_state.exists, 240, "the profile state on server A (a save mid-pass)")
         _signal_job(server_a.root_dir, run_id, signal.SIGSTOP)  # the session freezes mid-profile
-        assert _state_pass(remote_state) == 2, "the job got past pass 2 before it was stopped"
+        pass_no, done = _state_progress(remote_state)
+        assert pass_no == 1 and 0 < done < ROWS, f"not stopped mid-pass: pass {pass_no}, {done} done"
         local_state = _profile_state(out)
         wait_for(lambda: local_state.exists() and _sha(local_state) == _sha(remote_state), 60,
                  "sync --watch to bring the profile state home")  # fmt: skip
@@ -127,7 +130,7 @@ def test_killed_mid_profile_resumes_on_a_fresh_server_and_matches(tmp_path: Path
         server_b.stop()
     art = out / "artifacts" / SUBDIR
     meta = json.loads((art / "profile_meta.json").read_text())
-    assert meta["resumed_from_batch"] == ROWS  # pass 1 came from the uploaded state
+    assert meta["resumed_from_batch"] == done  # the batches done on A came from its state
 
     # The uninterrupted build of the same inputs, in this process.
     ref = tmp_path / "reference"

@@ -202,6 +202,8 @@ _PACK_FILES = Param("--calib-pack-files", "str_csv", CALIB_PACK_FILES, "pack par
 _COUNT: dict[str, Any] = {"low": 1, "high": 4096}  # expert counts and multiples
 _GPUS = Param("--gpus", "int", 1, "GPUs of the host to spread batches over (torchrun ranks)", low=1, high=64)
 _TOKENS: dict[str, Any] = {"low": 1, "high": 1_048_576}  # token lengths
+_SAVE_EVERY_S = Param("--save-every-s", "float", 300.0, "seconds between saves of the resumable "
+                      "state (what `versa-run resume` continues from)", low=1, high=86_400)
 
 
 def _build_params(*, keep_frac: Param, layout_default: str) -> tuple[Param, ...]:
@@ -237,6 +239,7 @@ def _build_params(*, keep_frac: Param, layout_default: str) -> tuple[Param, ...]
               "comparison", low=1, high=1000),
         Param("--from-scores", "str", "", "re-cut from this reap-scores.yaml: no profile, no "
               "forward (calibration flags are then the file's)"),
+        _SAVE_EVERY_S,
         _GPUS,
     )
 
@@ -290,6 +293,7 @@ _TASK_LIST = (
             Param("--sample-points", "int", 200_000, "(p, H) points kept for plots", low=0, high=100_000_000),
             Param("--top-k", "int", 4, "experts routed per token", low=1, high=128),
             Param("--entropy-top-k", "int", 20, "entropy over the top-k renormalized probs", low=2, high=1024),
+            _SAVE_EVERY_S,
             _GPUS,
             Param("--block-offset", "int", 0, "skip this many blocks first (num_blocks: disjoint "
                   "blocks of the same size, for the noise floor)", low=0, high=1_000_000),

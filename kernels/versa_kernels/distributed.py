@@ -23,8 +23,9 @@ Backend: NCCL with one GPU per rank when CUDA is available; gloo CPU processes o
 only when ``VERSA_DIST_ALLOW_CPU=1`` says so (tests, benchmarks): a CPU-only target asked for
 ``--gpus 4`` is an error before any work.
 
-The mode is typed: a task function takes ``dist: DistContext | None`` (None = one process) and
-returns the same type either way. Fault injection (a rank dying mid-run) lives in the tests
+The mode is typed: a function that runs in a rank takes ``dist: DistContext | None`` (None = one
+process) and returns the same type either way; ``build_pruned`` itself never runs in a rank
+(its ranks run ``eaftreap.build.profile_rank``). Fault injection (a rank dying mid-run) lives in the tests
 (tests/dist_faults/), not here.
 """
 
@@ -59,10 +60,12 @@ COLLECTIVE_TIMEOUT_S = 6 * 3600
 """How long a rank waits in a gather for slower ranks (a resumed rank may have hours left).
 A dead rank does not wait this out: torchrun stops every rank as soon as one exits."""
 ENTRIES = {
-    "build_pruned": "versa_kernels.eaftreap.build:build_pruned",
+    "build_pruned": "versa_kernels.eaftreap.build:profile_rank",
     "eaft_single": "versa_kernels.eaft.collector:collect",
 }
-"""Task functions a worker may run; each takes ``dist=DistContext`` besides its parameters."""
+"""What a rank runs for each task; each takes ``dist=DistContext`` besides the task's parameters
+and returns one type: ``build_pruned``'s rank only profiles (``profile_rank``, the reduced
+profile meta), ``eaft_single``'s rank is ``collect`` itself (the JSON path rank 0 wrote)."""
 
 __all__ = [
     "DistContext",
@@ -138,6 +141,12 @@ class DistContext:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             out[name] = t.cpu().numpy()
         return out
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here (e.g. rank 0's file is complete)."""
+        import torch.distributed as dist
+
+        dist.barrier()
 
     def min_int(self, value: int) -> int:
         """The smallest ``value`` over all ranks (agreeing on where a resumed run stands)."""

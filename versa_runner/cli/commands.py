@@ -230,7 +230,7 @@ def cmd_sync(ctx: Context) -> int:
             if (
                 a.watch is not None
                 and dest == ctx.output_dir
-                and _has_resumable_state(dest, record.task)
+                and _has_resumable_state(dest, record.task, record.run_id)
             ):
                 exc.hint = (f"The state synced so far is under {dest}: `versa-run resume "
                             f"{record.run_id}` with the new target's flags continues from it.")  # fmt: skip
@@ -257,9 +257,9 @@ def _watch_sync(
     return 0
 
 
-def _has_resumable_state(dest: Path, task: str) -> bool:
+def _has_resumable_state(dest: Path, task: str, run_id: str) -> bool:
     try:
-        return bool(resume.resumable_state(dest, task))
+        return bool(resume.resumable_state(dest, task, run_id))
     except UsageError:
         return False
 
@@ -291,7 +291,7 @@ def cmd_resume(ctx: Context) -> int:
     old = ctx.record(a.run)
     sub = resume.load_submission(ctx.output_dir, old.run_id)
     archive = resume.code_archive(ctx.output_dir, sub)
-    states = resume.resumable_state(ctx.output_dir, sub.task)
+    states = resume.resumable_state(ctx.output_dir, sub.task, old.run_id)
     if not states:
         raise UsageError(f"run {old.run_id}: no resumable state under {ctx.output_dir}",
                          hint="`versa-run sync RUN --watch MIN` brings it home while the run's "
@@ -317,15 +317,18 @@ def cmd_resume(ctx: Context) -> int:
             notebook = resume.notebook_from_archive(archive, sub.notebook, Path(tmp))
             root = Path(backend.root())
             with ctx.out.transfer(f"uploading the resumable state of {old.run_id}") as progress:
+                run_id = lifecycle.new_run_id()
                 for rel, path in states:
-                    if backend.name != "local" or (root / rel).resolve() != path.resolve():
-                        backend.put_file(path, rel, progress=progress)
+                    dest_rel = resume.state_destination(rel, old.run_id, run_id)
+                    if backend.name != "local" or (root / dest_rel).resolve() != path.resolve():
+                        backend.put_file(path, dest_rel, progress=progress)
             record = lifecycle.submit(
                 backend, task=sub.task, notebook_path=notebook, params=sub.params,
                 job_env=job_env, settings=settings,
                 save=lambda r: journal.save_record(ctx.output_dir, r),
                 prepare=remote_prepare(backend, sub.task, sub.profile, ctx.out.transfer,
                                        archive=archive),
+                run_id=run_id,
             )  # fmt: skip
         resume.remember_submission(ctx.output_dir, dataclasses.replace(
             sub, run_id=record.run_id, resumed_from=old.run_id))  # fmt: skip

@@ -180,13 +180,15 @@ def submit(
     settings: Settings,
     save: Callable[[RunRecord], None],
     prepare: Callable[[dict[str, Any]], LaunchAdditions] | None = None,
+    run_id: str | None = None,
 ) -> RunRecord:
     """Preflight, stage and launch one run; `save` journals it before the launch (so a failed
     launch still leaves a record to inspect). `prepare` gets the preflight facts and returns
-    what the target needs besides the notebook (code sync, bootstrap steps)."""
+    what the target needs besides the notebook (code sync, bootstrap steps). `run_id` is new
+    unless given (a resume places state under the new run's id before it is launched)."""
     info = preflight(backend, min_free_gb=settings.min_free_gb)
     additions = prepare(info) if prepare is not None else None
-    run_id = new_run_id()
+    run_id = run_id or new_run_id()
     run_dir = stage(
         backend, run_id=run_id, task=task, notebook_path=notebook_path, params=params,
         job_env=job_env, settings=settings, additions=additions,

@@ -140,13 +140,23 @@ def archive_member(notebook: Path, project_root: Path) -> str:
     return str(member) if not codesync.is_excluded(member) else str(notebook.resolve())
 
 
-def _output_dirs(task_name: str) -> set[str] | None:
-    """Directories a registered task writes its outputs to; None for a plain notebook."""
+def _output_dirs(task_name: str, run_id: str) -> set[str] | None:
+    """Directories a registered task's run writes its outputs to; None for a plain notebook."""
     task = tasks.TASKS.get(task_name)
-    return None if task is None else {str(PurePosixPath(out).parent) for out in task.outputs}
+    if task is None:
+        return None
+    return {str(PurePosixPath(out.replace("<run_id>", run_id)).parent) for out in task.outputs}
 
 
-def resumable_state(dest_root: Path, task_name: str) -> list[tuple[str, Path]]:
+def state_destination(rel: str, old_run_id: str, new_run_id: str) -> str:
+    """Where a state file goes for the resumed run: a collection keeps its state in its run's
+    own folder (`artifacts/eaft_models/<run_id>/`), so that part is renamed; a profile's
+    state is keyed by its build folder and keeps its path."""
+    parts = [new_run_id if part == old_run_id else part for part in PurePosixPath(rel).parts]
+    return str(PurePosixPath(*parts))
+
+
+def resumable_state(dest_root: Path, task_name: str, run_id: str) -> list[tuple[str, Path]]:
     """(relative path, local file) of the resumable state under `dest_root`, each verified.
 
     Only state in the task's own output directories counts (another task's profile would be
@@ -155,7 +165,7 @@ def resumable_state(dest_root: Path, task_name: str) -> list[tuple[str, Path]]:
     verification, or it hashes to the recorded sha256.
     """
     local = load_local_manifest(dest_root)
-    own_dirs = _output_dirs(task_name)
+    own_dirs = _output_dirs(task_name, run_id)
     found: list[tuple[str, Path]] = []
     for rel, known in sorted(local.items()):
         if not isinstance(known, dict) or not any(
@@ -186,4 +196,5 @@ __all__ = [
     "notebook_from_archive",
     "remember_submission",
     "resumable_state",
+    "state_destination",
 ]

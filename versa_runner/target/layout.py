@@ -24,7 +24,12 @@ CODE_STATE_FILE = "versa_sync.json"  # written last into a complete code extract
 OUTPUT_DIRS = ("artifacts", "reports")  # where jobs write, under the job cwd (the root)
 # Shards of a model checkpoint: many GB each, brought back only with `sync --with-checkpoints`.
 CHECKPOINT_GLOBS = ("*.safetensors", "*.pt", "*.pth", "*.gguf")
-RESUME_STATE_GLOBS = ("artifacts/*/profile_state.pt", "artifacts/*/profile_state.rank*-of-*.pt")
+RESUME_STATE_GLOBS = (
+    "artifacts/*/profile_state.pt",
+    "artifacts/*/profile_state.rank*-of-*.pt",
+    "artifacts/eaft_models/*/*.collect_state.pt",
+    "artifacts/eaft_models/*/*.collect_state.rank*-of-*.pt",
+)
 """Files a job can continue from (`versa-run resume`): synced even without `with_checkpoints`,
 since a lost session must leave them home (accumulators and per-token signals, small next to a
 checkpoint)."""

@@ -6,6 +6,7 @@
 the vocabulary never materializes for a whole block, computes (p, H_norm, logp) with
 `signals.token_signals`, and streams them into `stats.SignalStats`. The JSON keeps the field
 names of eaftreap_spec §6.6 plus `schema_version`, the engine, versions, device and timing.
+A lost session resumes: the streaming state is saved beside the JSON (`eaft.resume`).
 
 Easy to get wrong:
 - Logits at position t predict token t+1: hidden[:, :-1] pairs with targets input_ids[:, 1:]
@@ -22,7 +23,7 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,17 @@ import torch
 
 from versa_kernels.distributed import DistContext
 from versa_kernels.eaft.blocks import UNION_PACK, Blocks, TokenCache, pack_blocks, union_rows
-from versa_kernels.eaft.stats import PROB_SCALES, HistogramSpec, SignalStats
-from versa_kernels.errors import DataError, ParameterError
+from versa_kernels.eaft.inputs import (
+    check_params,
+    parse_int_csv,
+    parse_str_csv,
+    read_pack_texts,
+    resolve_model_path,
+    resolve_pack_files,
+)
+from versa_kernels.eaft.resume import CollectResume, OnBatch, collect_fingerprint, state_file
+from versa_kernels.eaft.stats import HistogramSpec, SignalStats
+from versa_kernels.errors import ParameterError
 from versa_kernels.signals import CC_QUANTILE, ENTROPY_TOP_K, token_signals
 
 log = logging.getLogger(__name__)
@@ -40,7 +50,8 @@ SCHEMA_VERSION = 1
 ENGINE = "versa_kernels.gptoss"  # the project's own forward (no SGLang on the hot path)
 DEFAULT_CHUNK_TOKENS = 1024  # logits rows per chunk: 1024 x 201088 fp32 = 0.8 GB per copy
 DEFAULT_OUT_ROOT = "artifacts/eaft_models"
-TEXT_COLUMN = "text"
+WEIGHTS_SHA256_CACHE = "weights_sha256_cache.json"
+"""Under ``out_root``: the weights' sha256 by (size, mtime, inode), so a rerun hashes nothing."""
 
 __all__ = ["collect", "collect_blocks", "json_name", "read_pack_texts", "run_blocks"]
 
@@ -61,6 +72,8 @@ def run_blocks(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     router_mask: Sequence[torch.Tensor | None] | None = None,
     dist: DistContext | None = None,
+    start_batch: int = 0,
+    after_batch: Callable[[int, float], None] | None = None,
 ) -> float:
     """Forward every block, feed kept-token signals into `stats`; returns the loop's wall seconds.
 
@@ -68,12 +81,15 @@ def run_blocks(
     transfer (one host sync per batch, not per logits chunk). With `dist` rank r runs batches
     r, r+N, ...; the signals of all ranks are then gathered and fed to `stats` in batch order,
     so thresholds, histograms, sums and the reservoir sample equal a single process's exactly.
+
+    Resume: batches before ``start_batch`` are skipped (their signals are already in ``stats``);
+    ``after_batch(batches_done, wall_s)`` is called after each batch (the collector saves there).
     """
     device = next(model.parameters()).device
     started = time.perf_counter()
     mine: dict[int, tuple[torch.Tensor, ...]] = {}
     for batch, first in enumerate(range(0, blocks.input_ids.shape[0], batch_size)):
-        if dist is not None and not dist.owns(batch):
+        if batch < start_batch or (dist is not None and not dist.owns(batch)):
             continue
         ids = blocks.input_ids[first : first + batch_size].to(device)  # [B, S]
         keep = blocks.keep[first : first + batch_size, 1:].to(device)  # [B, S-1] targets kept
@@ -94,6 +110,8 @@ def run_blocks(
             stats.add(*signals)
         else:
             mine[batch] = tuple(t.cpu() for t in signals)
+        if after_batch is not None:
+            after_batch(batch + 1, time.perf_counter() - started)
     if dist is not None:
         for p, h, logp in dist.gather_in_order(mine):
             stats.add(p, h, logp)
@@ -114,12 +132,27 @@ def collect_blocks(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     router_mask: Sequence[torch.Tensor | None] | None = None,
     dist: DistContext | None = None,
+    resume: CollectResume | None = None,
+    entry_key: tuple[str, int] = ("", 0),
 ) -> dict[str, Any]:
-    """One (pack, seq) entry of the JSON: provenance of the blocks plus the `model` summary."""
+    """One (pack, seq) entry of the JSON: provenance of the blocks plus the `model` summary.
+
+    With ``resume`` the entry ``entry_key`` = (pack, seq_len) continues from its saved partial
+    state and saves its progress when due (`eaft.resume`).
+    """
     stats = SignalStats(
         spec or HistogramSpec(), cc_quantile=cc_quantile, sample_points=sample_points
     )
-    wall_s = run_blocks(
+    start, before_s = 0, 0.0
+    after_batch = None
+    if resume is not None:
+        start, before_s = resume.begin(*entry_key, blocks.rows_sha256, stats)
+        total = blocks.input_ids.shape[0]
+
+        def after_batch(done: int, wall_s: float) -> None:
+            resume.after_batch(done, batch_size, total, stats, before_s + wall_s)
+
+    wall_s = before_s + run_blocks(
         model,
         blocks,
         batch_size=batch_size,
@@ -128,6 +161,8 @@ def collect_blocks(
         chunk_tokens=chunk_tokens,
         router_mask=router_mask,
         dist=dist,
+        start_batch=start,
+        after_batch=after_batch,
     )
     return {
         "rows_seen": blocks.rows_seen,
@@ -135,108 +170,6 @@ def collect_blocks(
         "pack_wall_s": wall_s,
         "model": stats.summary(predicted_tokens=blocks.predicted_tokens, wall_s=wall_s),
     }
-
-
-def read_pack_texts(path: str | Path, *, text_column: str = TEXT_COLUMN) -> list[str]:
-    """All rows of one parquet pack, in file order (non-string cells skipped)."""
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"calibration pack {str(path)!r} does not exist")
-    try:
-        table = pq.read_table(path, columns=[text_column])
-    except Exception as exc:  # pyarrow raises several types for bad files; keep the cause
-        raise DataError(
-            f"calibration pack {str(path)!r} is not a parquet file with a {text_column!r} column"
-        ) from exc
-    return [t for t in table.column(text_column).to_pylist() if isinstance(t, str)]
-
-
-def _check_params(
-    *,
-    model_id: str,
-    seq_lens: Sequence[int],
-    num_blocks: int,
-    batch_size: int,
-    sample_points: int,
-    top_k: int,
-    entropy_top_k: int,
-    cc_quantile: float,
-    prob_scale: str,
-    chunk_tokens: int,
-) -> None:
-    """Every parameter checked before any model or data is loaded."""
-    checks = [
-        (bool(model_id), "model_id", model_id, "a non-empty label"),
-        (
-            len(seq_lens) > 0 and all(int(s) >= 2 for s in seq_lens),
-            "seq_lens_csv",
-            seq_lens,
-            "integers >= 2",
-        ),
-        (num_blocks >= 1, "num_blocks", num_blocks, "an integer >= 1"),
-        (batch_size >= 1, "batch_size", batch_size, "an integer >= 1"),
-        (sample_points >= 0, "sample_points", sample_points, "an integer >= 0"),
-        (top_k >= 1, "top_k", top_k, "an integer >= 1 (experts per token)"),
-        (entropy_top_k >= 2, "entropy_top_k", entropy_top_k, "an integer >= 2"),
-        (0.0 < cc_quantile < 1.0, "cc_quantile", cc_quantile, "a number in (0, 1)"),
-        (prob_scale in PROB_SCALES, "prob_scale", prob_scale, f"one of {', '.join(PROB_SCALES)}"),
-        (chunk_tokens >= 1, "chunk_tokens", chunk_tokens, "an integer >= 1"),
-    ]
-    for ok, name, value, allowed in checks:
-        if not ok:
-            raise ParameterError(f"{name}={value!r} is not allowed; expected {allowed}")
-
-
-def _parse_int_csv(value: str | Sequence[int], name: str) -> list[int]:
-    if isinstance(value, str):
-        try:
-            return [int(v) for v in value.split(",") if v.strip()]
-        except ValueError:
-            raise ParameterError(
-                f"{name}={value!r} is not a comma-separated list of integers"
-            ) from None
-    return [int(v) for v in value]
-
-
-def _parse_str_csv(value: str | Sequence[str]) -> list[str]:
-    items = value.split(",") if isinstance(value, str) else list(value)
-    return [str(v).strip() for v in items if str(v).strip()]
-
-
-def _resolve_pack_files(repo: str, files: Sequence[str]) -> list[Path]:
-    """Local paths as given; otherwise files of the HF dataset repo (via versa_kernels.packs)."""
-    if all(Path(f).is_file() for f in files):
-        return [Path(f) for f in files]
-    from versa_kernels.packs import fetch_pack_files
-
-    return fetch_pack_files(repo, files)
-
-
-def _resolve_model_path(model_id: str, model_path: str) -> str:
-    """`model_path` if given; else `model_id` as a local directory or a Hugging Face repo id."""
-    if model_path:
-        if not Path(model_path).is_dir():
-            raise ParameterError(
-                f"model_path={model_path!r} is not a checkpoint directory",
-                hint="Pass the directory holding config.json and the safetensors shards.",
-            )
-        return model_path
-    if Path(model_id).is_dir():
-        return model_id
-    import os
-
-    from huggingface_hub import snapshot_download
-
-    try:  # the token arrives as the HF_TOKEN secret, never as a parameter
-        return snapshot_download(model_id, token=os.environ.get("HF_TOKEN") or None)
-    except Exception as exc:  # huggingface_hub raises many types; keep the cause
-        raise ParameterError(
-            f"model_path is empty and model_id={model_id!r} is neither a directory nor a "
-            f"downloadable Hugging Face model ({type(exc).__name__})",
-            hint="Pass --model-path with the checkpoint directory on the target.",
-        ) from exc
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
@@ -286,6 +219,9 @@ def collect(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     experts_keep: Sequence[Sequence[int]] | None = None,
     gpus: int = 1,
+    save_every_s: float = 300.0,
+    save_every_blocks: int = 0,
+    on_batch: OnBatch | None = None,
     dist: DistContext | None = None,
     block_offset: int = 0,
 ) -> Path:
@@ -294,22 +230,39 @@ def collect(
     `gpus > 1` runs the collection on that many torchrun ranks (versa_kernels.distributed) and
     returns the path rank 0 wrote; `dist` is set only inside such a rank. Every rank returns
     that same path (rank 0 writes it).
+
+    Resumable (`eaft.resume`): the state is saved under the JSON's folder every `save_every_s`
+    seconds or `save_every_blocks` blocks (0 = by time only) and after each (pack, seq) entry;
+    a rerun with the same `run_id` and inputs continues from it. `on_batch(pack, seq_len,
+    blocks_done, total_blocks)` is called after each batch (progress; a single process only).
     """
-    params = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items() if k != "dist"}
-    seq_lens = _parse_int_csv(seq_lens_csv, "seq_lens_csv")
-    files = _parse_str_csv(calib_pack_files)
-    _check_params(
+    params = {
+        k: str(v) if isinstance(v, Path) else v
+        for k, v in locals().items()
+        if k not in ("dist", "on_batch")
+    }
+    seq_lens = parse_int_csv(seq_lens_csv, "seq_lens_csv")
+    files = parse_str_csv(calib_pack_files)
+    check_params(
         model_id=model_id, seq_lens=seq_lens, num_blocks=num_blocks, batch_size=batch_size,
         sample_points=sample_points, top_k=top_k, entropy_top_k=entropy_top_k,
         cc_quantile=cc_quantile, prob_scale=prob_scale, chunk_tokens=chunk_tokens,
     )  # fmt: skip
     if not files:
         raise ParameterError("calib_pack_files is empty; expected one or more parquet files")
+    if not (isinstance(save_every_s, int | float) and 0 <= save_every_s < math.inf):
+        raise ParameterError(
+            f"save_every_s={save_every_s!r} is not allowed; expected a number >= 0"
+        )
+    if not (isinstance(save_every_blocks, int) and save_every_blocks >= 0):
+        raise ParameterError(
+            f"save_every_blocks={save_every_blocks!r} is not allowed; expected an integer >= 0"
+        )
     if dist is None:
         from versa_kernels.distributed import check_gpus, launch
 
         check_gpus(gpus)
-    model_path = _resolve_model_path(model_id, model_path)
+    model_path = resolve_model_path(model_id, model_path)
     if dist is None and gpus > 1:  # resolved (downloaded) once, here, not by every rank
         # One run id for every rank, so all of them name the file rank 0 writes.
         rid = run_id or time.strftime("%Y%m%d_%H%M%S")
@@ -318,13 +271,17 @@ def collect(
         )
     from transformers import AutoTokenizer
 
+    from versa_kernels.distributed import rank_state_path
+    from versa_kernels.eaftreap.fingerprint import weights_fingerprint
     from versa_kernels.gptoss.model import GptOssModel
+
+    out = Path(out_root) / (run_id or time.strftime("%Y%m%d_%H%M%S")) / json_name(model_id)
 
     started = time.perf_counter()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = getattr(torch, dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
     dev = torch.device(dist.device) if dist is not None else dev  # a rank's own GPU, same dtype
-    packs = {Path(f).stem: read_pack_texts(f) for f in _resolve_pack_files(calib_packs_repo, files)}
+    packs = {Path(f).stem: read_pack_texts(f) for f in resolve_pack_files(calib_packs_repo, files)}
     packs[UNION_PACK] = list(union_rows(packs))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = GptOssModel.from_checkpoint(
@@ -337,23 +294,45 @@ def collect(
     load_s = time.perf_counter() - started
     spec = HistogramSpec(xbins=hist_xbins, ybins=hist_ybins, prob_scale=prob_scale)
     tokens = TokenCache(tokenizer)
+    # The resume key covers the weights' sha256 (cached by size, mtime and inode), the pack
+    # rows and every setting that changes the statistics.
+    weights = weights_fingerprint(model_path, cache_path=Path(out_root) / WEIGHTS_SHA256_CACHE)
+    settings = {
+        k: params[k]
+        for k in (
+            "model_id", "num_blocks", "batch_size", "sample_points", "top_k", "entropy_top_k",
+            "cc_quantile", "prob_scale", "hist_xbins", "hist_ybins", "chunk_tokens",
+            "experts_keep",
+        )
+    }  # fmt: skip
+    settings.update(seq_lens=seq_lens, dtype=str(torch_dtype), device_type=dev.type,
+                    block_offset=block_offset)  # fmt: skip
+    resume = CollectResume.open(
+        rank_state_path(state_file(out.parent, model_id), dist),
+        collect_fingerprint(weights_sha256=weights.digest, packs=packs, settings=settings),
+        dist=dist, save_every_s=save_every_s, save_every_blocks=save_every_blocks,
+        on_batch=on_batch,
+    )  # fmt: skip
     results: dict[str, dict[str, Any]] = {name: {} for name in packs}
     for seq_len in seq_lens:
         for name, rows in packs.items():
-            blocks = pack_blocks(
-                rows,
-                tokens,
-                seq_len=seq_len,
-                num_blocks=num_blocks,
-                eos_id=eos_id,
-                pack=name,
-                block_offset=block_offset,
-            )
-            entry = collect_blocks(
-                model, blocks, batch_size=batch_size, entropy_top_k=entropy_top_k,
-                cc_quantile=cc_quantile, sample_points=sample_points, spec=spec,
-                chunk_tokens=chunk_tokens, dist=dist,
-            )  # fmt: skip
+            entry = resume.entry(name, seq_len)
+            if entry is None:
+                blocks = pack_blocks(
+                    rows,
+                    tokens,
+                    seq_len=seq_len,
+                    num_blocks=num_blocks,
+                    eos_id=eos_id,
+                    pack=name,
+                    block_offset=block_offset,
+                )
+                entry = collect_blocks(
+                    model, blocks, batch_size=batch_size, entropy_top_k=entropy_top_k,
+                    cc_quantile=cc_quantile, sample_points=sample_points, spec=spec,
+                    chunk_tokens=chunk_tokens, dist=dist, resume=resume, entry_key=(name, seq_len),
+                )  # fmt: skip
+                resume.finish(name, seq_len, entry)
             results[name][str(seq_len)] = entry
             m = entry["model"]
             if m["kept_tokens"] == 0:
@@ -399,9 +378,11 @@ def collect(
         "meta": meta,
         "packs": [{"pack": name, "seq": seqs} for name, seqs in results.items()],
     }
-    out = Path(out_root) / (run_id or time.strftime("%Y%m%d_%H%M%S")) / json_name(model_id)
     if dist is None or dist.is_main:  # one writer; every rank reports the same path
         _write_json(out, doc)
+    if dist is not None:
+        dist.barrier()  # the JSON is complete before any rank drops its state
+    resume.remove()
     return out
 
 

@@ -77,7 +77,7 @@ class SignalStats:
     count: int = 0
     _p: list[torch.Tensor] = field(default_factory=list)
     _h: list[torch.Tensor] = field(default_factory=list)
-    _samples: np.ndarray | None = None
+    _samples: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     _rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(RESERVOIR_SEED))
 
     def __post_init__(self) -> None:
@@ -129,6 +129,37 @@ class SignalStats:
         # Later items overwrite earlier ones in the same slot, as a sequential loop would.
         slots, last = np.unique(j[hit][::-1], return_index=True)
         self._samples[slots] = rest[hit[::-1][last]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything `add` has accumulated, as tensors and plain values (`torch.save`-able,
+        loads with ``weights_only=True``); `load_state_dict` continues bit for bit."""
+        import json
+
+        p, h = self._all()
+        return {
+            "sums": [self.sum_nll, self.sum_nll2, self.sum_p, self.sum_h],
+            "count": self.count,
+            "p": p,
+            "h": h,
+            "hist2d": self.hist2d.clone(),
+            "samples": torch.from_numpy(np.array(self._samples, dtype=np.float64)),
+            # PCG64's state holds 128-bit ints: JSON keeps them exact.
+            "rng": json.dumps(self._rng.bit_generator.state),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()` of a stats object with the same spec and settings."""
+        import json
+
+        self.sum_nll, self.sum_nll2, self.sum_p, self.sum_h = (float(v) for v in state["sums"])
+        self.count = int(state["count"])
+        self._p = [state["p"].float()] if state["p"].numel() else []
+        self._h = [state["h"].float()] if state["h"].numel() else []
+        if state["hist2d"].shape != self.hist2d.shape:
+            raise ValueError("stats state has another histogram shape")
+        self.hist2d = state["hist2d"].clone().to(torch.int64)
+        self._samples = state["samples"].numpy().astype(np.float64).copy()
+        self._rng.bit_generator.state = json.loads(state["rng"])
 
     def thresholds(self) -> SignalThresholds:
         """Exact cc_quantile thresholds of p and H_norm over every kept token."""

@@ -18,14 +18,17 @@ accepted because papermill injects it.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from versa_kernels.distributed import DistContext
 from versa_kernels.eaftreap.allocation import AllocationPlan
 from versa_kernels.eaftreap.checks import check_params, plan_variants
 from versa_kernels.eaftreap.fingerprint import code_version, weights_fingerprint
@@ -35,6 +38,12 @@ from versa_kernels.eaftreap.recut import ScoreSource, cut_variants, source_from_
 from versa_kernels.eaftreap.scoring import EaftWeights, split_half_tau
 from versa_kernels.errors import KernelError, ParameterError
 
+if TYPE_CHECKING:
+    from versa_kernels.eaftreap.fingerprint import WeightsFingerprint
+    from versa_kernels.eaftreap.profile import CalibExample, ProfileResult
+    from versa_kernels.eaftreap.reap_scores import ScoresSnapshot
+    from versa_kernels.gptoss.config import GptOssConfig
+
 log = logging.getLogger(__name__)
 
 BUDGETED_SUBDIR = "20b_pruned_models_eaftreap_budgeted"
@@ -42,7 +51,10 @@ KEEPFRAC_SUBDIR = "20b_pruned_models_eaftreap_keepfrac"
 PROFILE_STATE = "profile_state.pt"
 WEIGHTS_SHA256_CACHE = "weights_sha256_cache.json"
 
-__all__ = ["BuildResult", "Variant", "build_pruned"]
+__all__ = ["BuildResult", "Variant", "build_pruned", "profile_rank"]
+
+OnBatch = Callable[[int, int, int], None]
+"""``on_batch(pass_no, batches_done, total_batches)``, called after each profiled batch."""
 
 
 @dataclass
@@ -122,9 +134,8 @@ def build_pruned(
     save_every_batches: int = 0,
     run_id: str = "",
     gpus: int = 1,
-    on_batch: Any = None,
-    dist: Any = None,
-) -> BuildResult | dict[str, Any]:
+    on_batch: OnBatch | None = None,
+) -> BuildResult:
     """Profile (or read ``from_scores``), cut, rewrite and report (module docstring).
 
     ``baseline_eval_rows`` > 0 adds held-out PPL of EAFT-REAP vs frequency vs random pruning
@@ -132,17 +143,86 @@ def build_pruned(
     (a recipe's) refuse other calibration rows or base weights before any forward.
 
     ``gpus > 1``: profiling runs on that many ranks under torchrun (``versa_kernels.
-    distributed``); rank 0 leaves a finished profile state, and this call re-cuts from it.
-    ``dist`` is set only inside such a rank: it profiles its share and returns the profile
-    meta (a dict) without writing outputs.
+    distributed``, each rank runs ``profile_rank``); rank 0 leaves a finished profile state,
+    and this call re-cuts from it.
     """
-    params = {k: v for k, v in locals().items() if k not in ("on_batch", "dist")}
+    params = {k: v for k, v in locals().items() if k != "on_batch"}
     from versa_kernels.distributed import check_gpus
-    from versa_kernels.gptoss.config import GptOssConfig
 
     check_params(params)
-    if dist is None:
-        check_gpus(gpus)
+    check_gpus(gpus)
+    plan = _plan(params)
+    if plan.snapshot is not None:
+        source = source_from_scores(
+            plan.snapshot, params=params, num_layers=plan.config.num_hidden_layers,
+            num_experts=plan.config.num_local_experts, weights_digest=plan.weights.digest,
+        )  # fmt: skip
+    else:
+        source = _profile_source(params, plan, on_batch)
+    cut_variants(
+        source, plan.variants, plan.base, params=params, keepfrac_task=plan.keepfrac_task,
+        code=code_version(), weights=plan.weights.record(),
+    )  # fmt: skip
+    manifest_path, report_path, plots = write_build_outputs(
+        plan.art, Path(reports_dir), plan.variants, meta=source.meta, sample=source.sample,
+        params=params, scores_yaml=source.scores_yaml, table=source.table,
+        cut_from=source.cut_from,
+    )  # fmt: skip
+    return BuildResult(
+        plan.art, manifest_path, report_path, plots, plan.variants, source.meta, source.sample,
+        source.table or [],
+    )  # fmt: skip
+
+
+def profile_rank(*, dist: DistContext, **params: Any) -> dict[str, Any]:
+    """One torchrun rank of ``build_pruned(gpus=N)``: profile this rank's share, nothing else.
+
+    ``params`` are ``build_pruned``'s (unnamed ones take its defaults). Every rank returns the
+    reduced profile meta plus ``world_size`` and ``backend``; rank 0 also leaves the finished
+    profile state in single-process form, which the notebook's ``build_pruned`` re-cuts from.
+    No output file is written here.
+    """
+    defaults = {
+        name: par.default
+        for name, par in inspect.signature(build_pruned).parameters.items()
+        if name != "on_batch"
+    }
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ParameterError(f"profile_rank got unknown parameters {unknown}")
+    params = {**defaults, **params}
+    check_params(params)
+    plan = _plan(params)
+    if plan.snapshot is not None:
+        raise ParameterError("from_scores builds read no profile; run them with gpus=1")
+    calib, dtype, _ = _calibration(params, plan)
+    prof = _profile(
+        params, plan, calib.examples, dtype, dev=dist.device, dist=dist, on_batch=None,
+        model_loader=_model_loader(plan.base, dtype, dist.device),
+    )  # fmt: skip
+    return {**prof.meta(), "world_size": dist.world_size, "backend": dist.backend}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every build checks and derives before any pack is read or model loaded."""
+
+    keepfrac_task: bool
+    base: Path
+    config: GptOssConfig
+    art: Path
+    variants: list[Variant]
+    snapshot: ScoresSnapshot | None
+    """The ``from_scores`` document (then nothing is profiled)."""
+    weights: WeightsFingerprint
+
+
+def _plan(params: dict[str, Any]) -> _Plan:
+    from versa_kernels.gptoss.config import GptOssConfig
+
+    keep_frac, model_path = params["keep_frac"], params["model_path"]
+    artifacts_dir, from_scores = params["artifacts_dir"], params["from_scores"]
+    expect_weights_sha256 = params["expect_weights_sha256"]
     keepfrac_task = isinstance(keep_frac, list | tuple)
     fracs = (
         [float(k) for k in keep_frac] if isinstance(keep_frac, list | tuple) else [float(keep_frac)]
@@ -154,7 +234,6 @@ def build_pruned(
             f"model_path={model_path!r} is already per-layer pruned "
             f"({list(config.experts_per_layer)}); prune a checkpoint with one expert count",
         )
-    L, E = config.num_hidden_layers, config.num_local_experts
     art = Path(
         artifacts_dir or Path("artifacts") / (KEEPFRAC_SUBDIR if keepfrac_task else BUDGETED_SUBDIR)
     )
@@ -167,64 +246,82 @@ def build_pruned(
             f"expect_weights_sha256={expect_weights_sha256}",
             hint="Point model_path at the base model the recipe was built from.",
         )
-    if snapshot is not None:
-        source = source_from_scores(
-            snapshot, params=params, num_layers=L, num_experts=E, weights_digest=weights.digest
-        )
-    else:
-        profiled = _profile_source(params, base, config, art, weights.digest, on_batch, dist)
-        if not isinstance(profiled, ScoreSource):
-            return profiled  # a rank's work ends here; the notebook's process writes the outputs
-        source = profiled
-    cut_variants(
-        source, variants, base, params=params, keepfrac_task=keepfrac_task,
-        code=code_version(), weights=weights.record(),
-    )  # fmt: skip
-    manifest_path, report_path, plots = write_build_outputs(
-        art, Path(reports_dir), variants, meta=source.meta, sample=source.sample, params=params,
-        scores_yaml=source.scores_yaml, table=source.table, cut_from=source.cut_from,
-    )  # fmt: skip
-    return BuildResult(
-        art, manifest_path, report_path, plots, variants, source.meta, source.sample,
-        source.table or [],
-    )  # fmt: skip
+    return _Plan(keepfrac_task, base, config, art, variants, snapshot, weights)
 
 
-def _profile_source(
-    params: dict[str, Any], base: Path, config: Any, art: Path, weights_digest: str,
-    on_batch: Any, dist: Any,
-) -> ScoreSource | dict[str, Any]:  # fmt: skip
-    """Sample, tokenize and profile; a rank (``dist``) returns its profile meta instead."""
+def _device_and_dtype(device: str) -> tuple[str, Any]:
+    """The notebook process's device and dtype; a rank keeps the dtype (it is in the resume
+    fingerprint, so the re-cut finds the ranks' finished state) but runs on its own GPU."""
     import torch
 
-    from versa_kernels.distributed import launch, rank_state_path
-    from versa_kernels.eaftreap.calibration import held_out_baselines, load_calibration
-    from versa_kernels.eaftreap.profile import profile_experts
-    from versa_kernels.eaftreap.reap_scores import reap_scores_doc
-    from versa_kernels.eaftreap.recut import profiling_block
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    return dev, torch.bfloat16 if dev.startswith("cuda") else torch.float32
+
+
+def _calibration(params: dict[str, Any], plan: _Plan) -> tuple[Any, Any, str]:
+    """Packs, rows and tokenized examples (CPU), plus the device and dtype to profile in."""
+    from versa_kernels.eaftreap.calibration import load_calibration
+
+    dev, dtype = _device_and_dtype(params["device"])
+    return load_calibration(params, plan.base), dtype, dev
+
+
+def _model_loader(base: Path, dtype: Any, dev: str) -> Callable[[], Any]:
+    """Loads the model on first call only (a finished profile re-cuts without loading it)."""
     from versa_kernels.gptoss.model import GptOssModel
 
-    p = params
-    L, E, K = config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok
-    calib = load_calibration(p, base)  # CPU: packs, rows (checked), tokenized examples
-    sample_record, examples = calib.record, calib.examples
-
-    # ---- profile (GPU) ----------------------------------------------------------------------
-    device, gpus, batch_size = p["device"], p["gpus"], p["batch_size"]
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
-    # A rank runs on its own GPU but in the dtype the notebook's process chose: the dtype is
-    # part of the profile fingerprint, so the re-cut below finds the ranks' finished state.
-    dev = dist.device if dist is not None else dev
-    started = time.monotonic()
     loaded: list[Any] = []
 
-    def load_model() -> Any:
+    def load() -> Any:
         if not loaded:
             loaded.append(GptOssModel.from_checkpoint(base, dtype=dtype, device=dev))
         return loaded[0]
 
-    dist_meta = launch("build_pruned", params, gpus) if gpus > 1 and dist is None else None
+    return load
+
+
+def _profile(
+    p: dict[str, Any], plan: _Plan, examples: list[CalibExample], dtype: Any, *, dev: str,
+    dist: DistContext | None, on_batch: OnBatch | None, model_loader: Callable[[], Any],
+) -> ProfileResult:  # fmt: skip
+    """``profile_experts`` with the build's settings; returns its ``ProfileResult``."""
+    from versa_kernels.distributed import rank_state_path
+    from versa_kernels.eaftreap.profile import profile_experts
+
+    config, art = plan.config, plan.art
+    pad_id = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
+    eaft = EaftWeights(
+        p["eaft_weight_good"], p["eaft_weight_cc"], p["eaft_weight_uncertain"],
+        p["eaft_cc_quantile"],
+    )  # fmt: skip
+    # The resume key covers the weights' sha256 (issue 14): a changed router bias under the
+    # same path must not resume the stale profile.
+    return profile_experts(
+        None, examples, model_loader=model_loader, num_layers=config.num_hidden_layers,
+        num_experts=config.num_local_experts, batch_size=p["batch_size"], pad_id=pad_id,
+        weights=eaft, state_path=rank_state_path(art / PROFILE_STATE, dist),
+        save_every_s=p["save_every_s"], save_every_batches=p["save_every_batches"],
+        fingerprint_extra={"weights_sha256": plan.weights.digest, "dtype": str(dtype)},
+        on_batch=on_batch, dist=dist, single_state_path=art / PROFILE_STATE,
+    )  # fmt: skip
+
+
+def _profile_source(params: dict[str, Any], plan: _Plan, on_batch: OnBatch | None) -> ScoreSource:
+    """Sample, tokenize and profile (here, or on ``gpus`` ranks), then score."""
+    from versa_kernels.distributed import launch
+    from versa_kernels.eaftreap.calibration import held_out_baselines
+    from versa_kernels.eaftreap.reap_scores import reap_scores_doc
+    from versa_kernels.eaftreap.recut import profiling_block
+
+    p, base, config, art = params, plan.base, plan.config, plan.art
+    weights_digest = plan.weights.digest
+    L, E, K = config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok
+    calib, dtype, dev = _calibration(p, plan)
+    sample_record, examples = calib.record, calib.examples
+    gpus, batch_size = p["gpus"], p["batch_size"]
+    started = time.monotonic()
+    load_model = _model_loader(base, dtype, dev)
+    dist_meta = launch("build_pruned", params, gpus) if gpus > 1 else None
 
     def no_model() -> Any:  # after the ranks profiled, this process must only re-cut
         raise KernelError(
@@ -233,22 +330,10 @@ def _profile_source(
             hint="Re-run the build; if it repeats, report it with the run log.",
         )
 
-    pad_id = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
-    eaft = EaftWeights(
-        p["eaft_weight_good"], p["eaft_weight_cc"], p["eaft_weight_uncertain"],
-        p["eaft_cc_quantile"],
+    prof = _profile(
+        p, plan, examples, dtype, dev=dev, dist=None, on_batch=on_batch,
+        model_loader=load_model if dist_meta is None else no_model,
     )  # fmt: skip
-    # The resume key covers the weights' sha256 (issue 14): a changed router bias under the
-    # same path must not resume the stale profile.
-    prof = profile_experts(
-        None, examples, model_loader=load_model if dist_meta is None else no_model, num_layers=L, num_experts=E, batch_size=batch_size, pad_id=pad_id,
-        weights=eaft, state_path=rank_state_path(art / PROFILE_STATE, dist),
-        save_every_s=p["save_every_s"], save_every_batches=p["save_every_batches"],
-        fingerprint_extra={"weights_sha256": weights_digest, "dtype": str(dtype)},
-        on_batch=on_batch, dist=dist, single_state_path=art / PROFILE_STATE,
-    )  # fmt: skip
-    if dist is not None:
-        return {**prof.meta(), "world_size": dist.world_size, "backend": dist.backend}
     if not (prof.acc.count.sum(axis=1) > 0).all():
         raise RuntimeError("profiling routed no tokens through some layer: scores would be empty")
     # No forward in this build when the saved profile was already finished: say so, instead

@@ -253,7 +253,7 @@ def build_from_recipe(
     The match is None when the recipe records no kept experts for this variant (its
     ``result`` belongs to another ``pruned_model_label``, e.g. inherited through ``extends``).
     """
-    from versa_kernels.eaftreap.build import BuildResult, build_pruned
+    from versa_kernels.eaftreap.build import build_pruned
 
     params = {**build_params_from_recipe(recipe), **overrides}
     scores = params.get("from_scores")
@@ -266,8 +266,6 @@ def build_from_recipe(
         digest = _get(recipe, "reproducibility.base_weights.digest") or ""
         params.setdefault("expect_weights_sha256", digest)
     result = build_pruned(**params)
-    if not isinstance(result, BuildResult):  # only a torchrun rank (dist=...) returns a dict
-        raise TypeError("build_from_recipe runs in the notebook's process, not inside a rank")
     expected = _get(recipe, "result.keep_experts_by_layer")
     variant = result.variants[0]
     if expected is None or _get(recipe, "model.pruned_model_label") != variant.name:
