@@ -21,6 +21,7 @@ from versa_runner.errors import (
     PreflightError,
     RunStateError,
     UsageError,
+    VersaRunError,
 )
 from versa_runner.runs import journal, lifecycle, logs, sync
 from versa_runner.runs.journal import RunRecord
@@ -86,10 +87,22 @@ def cmd_submit(ctx: Context) -> int:
             status = _follow(ctx, backend, record, offset=0)
             if status is None:
                 return INTERRUPTED_EXIT
-            ctx.out.synced(sync.sync_run(backend, record, ctx.output_dir))
+            _sync_after_run(ctx, backend, record)
             ctx.out.status(record, status)
             return _outcome(record, status)
     return 0
+
+
+def _sync_after_run(ctx: Context, backend: Backend, record: RunRecord) -> None:
+    """Sync a followed run that has ended. The job's outcome is already known from its status
+    files, so a sync that fails (the target went away again, its kernel cannot be had) is
+    reported with the command that retries it, and the exit status stays the job's own."""
+    try:
+        ctx.out.synced(sync.sync_run(backend, record, ctx.output_dir))
+    except VersaRunError as error:
+        ctx.out.info(f"warning: the run ended but its outputs were not synced: {error}")
+        options = f" {ctx.out.command_options}" if ctx.out.command_options else ""
+        ctx.out.info(f"hint: `versa-run sync {record.run_id}{options}` retries the sync.")
 
 
 def _follow(ctx: Context, backend: Backend, record: RunRecord, *, offset: int) -> RunStatus | None:

@@ -10,6 +10,12 @@ stdin, so no snippet ever shows in a remote `ps`. The job outlives this connecti
 launch snippet starts the launcher in its own process session (lifecycle), not because of
 anything here. A connection that drops is re-opened by the next call (read-only calls retry
 once), so a follower polling status rides over it.
+
+No call waits without a deadline. paramiko's own waits are unbounded in places (a channel's
+`exec_command` and the SFTP subsystem request wait for an answer forever; opening a channel
+waits an hour), so: every SFTP request times out after `io_timeout_s` of silence, and an
+exec or SFTP start runs under `_watchdog`, which closes the connection when it overruns. A
+host that stops answering is then an UnreachableError, which the follower retries.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import posixpath
 import secrets
 import shlex
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,6 +39,7 @@ import paramiko
 from versa_runner.backends.base import ProgressFn, RemoteStat, call_target
 from versa_runner.backends.ssh.target import (
     AUTH_HINT,
+    CONNECT_TIMEOUT_S,
     UNKNOWN_HOST_HINT,
     SshTarget,
     UnknownHostKey,
@@ -61,6 +69,9 @@ PASSPHRASE_ENV = "VERSA_SSH_PASSPHRASE"
 HASH_TIMEOUT_S = 600.0
 READ_BACK_MAX_BYTES = 1 << 20  # uploads up to this size are verified by reading them back
 EXEC_POLL_S = 0.01
+IO_TIMEOUT_S = 30.0
+"""An SFTP request with no answer for this long fails (the connection is then re-opened)."""
+IO_TIMEOUT_ENV = "VERSA_RUNNER_IO_TIMEOUT_S"  # tests shorten it
 STDERR_TAIL_LINES = 3
 
 
@@ -76,9 +87,11 @@ class SshBackend:
         root: str | None = None,
         remote_root: str = DEFAULT_REMOTE_ROOT,
         python: str = DEFAULT_PYTHON,
+        io_timeout_s: float = IO_TIMEOUT_S,
     ) -> None:
         self.target = target
         self.python = python
+        self.io_timeout_s = io_timeout_s
         self._remote_root = remote_root
         self._root = root  # known from the journal for follow-up commands
         self._client: paramiko.SSHClient | None = None
@@ -169,15 +182,18 @@ class SshBackend:
         enter_root = f"{{ cd -- {root} 2>/dev/null || {{ mkdir -p -- {root} && cd -- {root}; }}; }}"
         command = f"{enter_root} && exec {shlex.quote(self.python)} -"
         with self._boundary("run a snippet"):
-            channel = self._connection().get_transport().open_session()  # type: ignore[union-attr]
-            try:
-                channel.exec_command(command)
-                channel.sendall(code.encode())
-                channel.shutdown_write()
-                stdout, stderr = _collect(channel, timeout_s)
-                exit_status = channel.recv_exit_status()
-            finally:
-                channel.close()
+            transport = self._connection().get_transport()
+            with self._watchdog(timeout_s + CONNECT_TIMEOUT_S):
+                channel = transport.open_session(timeout=CONNECT_TIMEOUT_S)  # type: ignore[union-attr]
+                channel.settimeout(self.io_timeout_s)
+                try:
+                    channel.exec_command(command)
+                    channel.sendall(code.encode())
+                    channel.shutdown_write()
+                    stdout, stderr = _collect(channel, timeout_s)
+                    exit_status = channel.recv_exit_status()
+                finally:
+                    channel.close()
         if exit_status != 0:
             tail = "\n".join(
                 stderr.decode(errors="replace").strip().splitlines()[-STDERR_TAIL_LINES:]
@@ -236,8 +252,38 @@ class SshBackend:
     def _sftp(self) -> paramiko.SFTPClient:
         client = self._connection()
         if self._sftp_client is None:
-            self._sftp_client = client.open_sftp()
+            with self._watchdog(CONNECT_TIMEOUT_S):
+                self._sftp_client = client.open_sftp()
+            # Every SFTP request reads its answer from this channel: bound each wait.
+            self._sftp_client.get_channel().settimeout(self.io_timeout_s)  # type: ignore[union-attr]
         return self._sftp_client
+
+    @contextmanager
+    def _watchdog(self, seconds: float) -> Iterator[None]:
+        """Close the connection if the block still runs after `seconds`: paramiko's blocked
+        waits then end with an error, which `_boundary` reports as UnreachableError."""
+        transport = self._client.get_transport() if self._client is not None else None
+        fired = threading.Event()
+
+        def fire() -> None:
+            fired.set()
+            if transport is not None:
+                transport.close()
+
+        timer = threading.Timer(seconds, fire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            if fired.is_set():
+                self._drop_connection()
+                raise UnreachableError(
+                    f"{self.describe()} did not answer within {seconds:.0f} s"
+                ) from exc
+            raise
+        finally:
+            timer.cancel()
 
     def _drop_connection(self) -> None:
         for holder in (self._sftp_client, self._client):
@@ -382,8 +428,16 @@ def from_options(options: TargetOptions, *, root: str | None = None) -> SshBacke
         options.on_secret(passphrase)
     target = SshTarget(host=host, user=user, port=port, key_file=key, passphrase=passphrase,
                        accept_new=options.ssh_accept_new)  # fmt: skip
+    text = options.environ.get(IO_TIMEOUT_ENV) or str(IO_TIMEOUT_S)
+    try:
+        io_timeout_s = float(text)
+    except ValueError:
+        io_timeout_s = -1.0
+    if not 0 < io_timeout_s < float("inf"):  # NaN, infinities and negatives alike
+        raise UsageError(f"{IO_TIMEOUT_ENV}: expected seconds > 0, got {text!r}")
     return SshBackend(target, root=root, python=options.ssh_python or DEFAULT_PYTHON,
-                      remote_root=options.remote_root or DEFAULT_REMOTE_ROOT)  # fmt: skip
+                      remote_root=options.remote_root or DEFAULT_REMOTE_ROOT,
+                      io_timeout_s=io_timeout_s)  # fmt: skip
 
 
 BACKEND_CLASS = SshBackend

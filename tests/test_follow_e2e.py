@@ -1,0 +1,211 @@
+"""Following a run survives what the job survives (issue 14, "Following a run").
+
+Real processes throughout: the CLI in a subprocess, jupyter_server (token and base-path
+flavours) or sshd on loopback, the uploaded launcher, papermill. Each test breaks something
+between the follower and its job while the job runs (the launcher kernel deleted, the server
+stopped and restarted on the same port, the connection stalled) and checks that the follower
+ends promptly with the job's own exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import requests
+from faultproxy import free_port
+from runner_support import TEST_NOTEBOOKS, runner_env, wait_for
+from test_jupyter_e2e import connect_args, journal_run_id, kill_remote_run, remote_run_dir
+
+if TYPE_CHECKING:
+    from jupyter_fixtures import JupyterServer
+    from ssh_fixtures import SshServer
+
+pytest_plugins = ["jupyter_fixtures", "ssh_fixtures"]
+pytestmark = pytest.mark.slow
+
+PROMPT_S = 60.0
+"""A follower must be done this long after its job ended (it used to hang 11+ minutes)."""
+
+
+def _start_follower(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "versa_runner.cli", *args]
+    with open(log, "wb") as sink:
+        return subprocess.Popen(argv, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+
+
+def _finish(runner: subprocess.Popen, *, within_s: float) -> int:
+    try:
+        return runner.wait(timeout=within_s)
+    except subprocess.TimeoutExpired:
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=10)
+        raise AssertionError(f"the follower was still waiting {within_s:.0f} s later") from None
+
+
+def _delete_kernels(server: JupyterServer) -> list[str]:
+    """Delete every kernel of the server (the launcher kernel; papermill's is not the server's)."""
+    session = requests.Session()
+    headers = {"Authorization": f"token {server.token}"} if server.token else {}
+    if not server.token:  # a no-token server wants its XSRF cookie echoed on DELETE
+        session.get(server.url + "/", timeout=10)
+        headers = {"X-XSRFToken": session.cookies.get("_xsrf", ""), "Referer": server.url + "/"}
+    kernels = [k["id"] for k in session.get(f"{server.url}/api/kernels", headers=headers,
+                                            timeout=10).json()]  # fmt: skip
+    for kernel_id in kernels:
+        session.delete(f"{server.url}/api/kernels/{kernel_id}", headers=headers,
+                       timeout=30).raise_for_status()  # fmt: skip
+    return kernels
+
+
+@pytest.mark.parametrize("notebook, exit_code", [("sleep.ipynb", 0), ("sysexit1.ipynb", 1)])
+def test_no_detach_with_launcher_kernel_deleted_ends_with_the_jobs_exit_code(
+    any_server: JupyterServer, tmp_path: Path, notebook: str, exit_code: int
+) -> None:
+    server = any_server
+    out = tmp_path / "out"
+    out.mkdir()
+    env = runner_env(tmp_path)
+    # sysexit1 ends at once: a job that is already over when the kernel goes must work too
+    params = ["-p", "seconds", "4"] if notebook == "sleep.ipynb" else []
+    args = ["submit", "--no-detach", "--notebook", str(TEST_NOTEBOOKS / notebook), *params,
+            *connect_args(server, tmp_path)]  # fmt: skip
+    log = tmp_path / "follower.out"
+    runner = _start_follower(args, out, env, log)
+    try:
+        wait_for(lambda: any((out / ".versa_runner" / "runs").glob("*.json")), 120,
+                 "the run to be journaled")  # fmt: skip
+        run_id = journal_run_id(out)
+        wait_for(lambda: (remote_run_dir(server, run_id) / "status.json").exists(), 60,
+                 "the launcher to start")  # fmt: skip
+        assert _delete_kernels(server), "expected the follower's launcher kernel"
+        exit_file = remote_run_dir(server, run_id) / "exit_code"
+        wait_for(exit_file.exists, 120, "the job to end")
+        ended = time.monotonic()
+        returncode = _finish(runner, within_s=PROMPT_S)
+        took = time.monotonic() - ended
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        kill_remote_run(server, journal_run_id(out))
+    text = log.read_text()
+    assert int(exit_file.read_text()) == exit_code
+    assert returncode == exit_code, text
+    assert took < PROMPT_S
+    # the outputs came home through a new launcher kernel, which was deleted on exit
+    assert (out / "versa_runs" / run_id / "output.ipynb").exists(), text
+    assert not _delete_kernels(server), "a launcher kernel was left running"
+    assert not [s for s in server.secrets if s in text]
+
+
+def test_no_detach_with_the_server_stopped_and_restarted_reports_the_jobs_exit_code(
+    tmp_path: Path,
+) -> None:
+    from jupyter_fixtures import start_jupyter_server  # (a plugin module: imported late)
+
+    token = secrets.token_hex(16)
+    port = free_port()
+    server = start_jupyter_server(tmp_path / "server", token=token, port=port)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = runner_env(tmp_path)
+    args = ["submit", "--no-detach", "--notebook", str(TEST_NOTEBOOKS / "sleep.ipynb"),
+            "-p", "seconds", "12", *connect_args(server, tmp_path)]  # fmt: skip
+    log = tmp_path / "follower.out"
+    runner = _start_follower(args, out, env, log)
+    run_id = ""
+    try:
+        wait_for(lambda: b"SLEEP_STARTED" in log.read_bytes(), 120, "the job to start")
+        run_id = journal_run_id(out)
+        server.stop()  # the launcher kernel dies with it; the job does not
+        time.sleep(3)
+        assert (remote_run_dir(server, run_id) / "exit_code").exists() is False
+        server = start_jupyter_server(tmp_path / "server", token=token, port=port)
+        exit_file = remote_run_dir(server, run_id) / "exit_code"
+        wait_for(exit_file.exists, 120, "the job to end")
+        returncode = _finish(runner, within_s=PROMPT_S + 30)  # its retries back off up to 8 s
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        if run_id:
+            kill_remote_run(server, run_id)
+        server.stop()
+    text = log.read_text()
+    assert exit_file.read_text().strip() == "0"
+    assert returncode == 0, text
+    assert "SLEEP_DONE" in text and "state=succeeded exit_code=0" in text, text
+    assert (out / "versa_runs" / run_id / "output.ipynb").exists(), text
+    assert token not in text
+
+
+def _sshd_session_pids(sshd: SshServer) -> list[int]:
+    """The per-connection sshd processes and their sshd children (the privilege-separated
+    session process does the I/O); never the user's own processes below them."""
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            names[int(entry.name)] = stat[stat.index("(") + 1 : stat.rindex(")")]
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    found = set(sshd.connection_pids())
+    grew = True
+    while grew:
+        more = {p for p, pp in parents.items() if pp in found and names[p].startswith("sshd")}
+        grew = bool(more - found)
+        found |= more
+    return sorted(found)
+
+
+def test_ssh_no_detach_with_the_host_hung_mid_run_reports_the_jobs_exit_code(
+    sshd: SshServer, tmp_path: Path
+) -> None:
+    from test_ssh_e2e import kill_remote_run as kill_ssh_run
+    from test_ssh_e2e import ssh_args, ssh_env
+
+    out, remote = tmp_path / "out", tmp_path / "remote"
+    out.mkdir()
+    # SFTP requests unanswered for 3 s fail; the follower reconnects and goes on
+    env = ssh_env(sshd, tmp_path, VERSA_RUNNER_IO_TIMEOUT_S="3")
+    args = ["submit", "--no-detach", "--notebook", str(TEST_NOTEBOOKS / "sleep.ipynb"),
+            "-p", "seconds", "10", *ssh_args(sshd, remote)]  # fmt: skip
+    log = tmp_path / "follower.out"
+    runner = _start_follower(args, out, env, log)
+    hung: list[int] = []
+    run_id = ""
+    try:
+        wait_for(lambda: b"SLEEP_STARTED" in log.read_bytes(), 120, "the job to start")
+        run_id = journal_run_id(out)
+        hung = _sshd_session_pids(sshd)
+        for pid in hung:  # the follower's connection stops answering, without being closed
+            os.kill(pid, signal.SIGSTOP)
+        wait_for(lambda: bool(set(sshd.connection_pids()) - set(hung)), 60,
+                 "the follower to give up on the hung connection and open a new one")  # fmt: skip
+        exit_file = remote / "versa_runs" / run_id / "exit_code"
+        wait_for(exit_file.exists, 120, "the job to end")
+        returncode = _finish(runner, within_s=PROMPT_S)
+    finally:
+        for pid in hung:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if runner.poll() is None:
+            runner.kill()
+        if run_id:
+            kill_ssh_run(remote, run_id)
+    text = log.read_text()
+    assert exit_file.read_text().strip() == "0"
+    assert returncode == 0, text
+    assert "SLEEP_DONE" in text and "state=succeeded exit_code=0" in text, text
+    assert (out / "versa_runs" / run_id / "output.ipynb").exists(), text
