@@ -209,3 +209,48 @@ def test_ssh_no_detach_with_the_host_hung_mid_run_reports_the_jobs_exit_code(
     assert returncode == 0, text
     assert "SLEEP_DONE" in text and "state=succeeded exit_code=0" in text, text
     assert (out / "versa_runs" / run_id / "output.ipynb").exists(), text
+
+
+def test_no_detach_gives_up_with_exit_3_only_after_the_patience_then_wait_reports_the_job(
+    tmp_path: Path,
+) -> None:
+    from jupyter_fixtures import start_jupyter_server  # (a plugin module: imported late)
+
+    token = secrets.token_hex(16)
+    port = free_port()
+    server = start_jupyter_server(tmp_path / "server", token=token, port=port)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = runner_env(tmp_path, VERSA_RUNNER_PATIENCE_S="5")
+    connect = connect_args(server, tmp_path)
+    args = ["submit", "--no-detach", "--notebook", str(TEST_NOTEBOOKS / "sleep.ipynb"),
+            "-p", "seconds", "8", *connect]  # fmt: skip
+    log = tmp_path / "follower.out"
+    runner = _start_follower(args, out, env, log)
+    run_id = ""
+    try:
+        wait_for(lambda: b"SLEEP_STARTED" in log.read_bytes(), 120, "the job to start")
+        run_id = journal_run_id(out)
+        server.stop()  # and it stays down past the follower's patience
+        stopped = time.monotonic()
+        returncode = _finish(runner, within_s=PROMPT_S)
+        gave_up_after = time.monotonic() - stopped
+        exit_file = remote_run_dir(server, run_id) / "exit_code"
+        wait_for(exit_file.exists, 120, "the job to end while the server is down")
+        server = start_jupyter_server(tmp_path / "server", token=token, port=port)
+        waited = subprocess.run(
+            [sys.executable, "-m", "versa_runner.cli", "wait", run_id, *connect],
+            cwd=out, env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        if run_id:
+            kill_remote_run(server, run_id)
+        server.stop()
+    text = log.read_text()
+    assert returncode == 3, text
+    assert 5 <= gave_up_after < PROMPT_S, text
+    assert "error:" in text and "Traceback" not in text, text
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert "succeeded" in waited.stdout, waited.stdout

@@ -115,9 +115,9 @@ def _follow(ctx: Context, backend: Backend, record: RunRecord, *, offset: int) -
         journal.save_record(ctx.output_dir, record)
 
     try:
-        status = logs.follow(
-            backend, record, emit=ctx.out.log_text, offset=offset, on_offset=keep_offset
-        )
+        patience_s = lifecycle.Settings.from_env(dict(os.environ)).unreachable_patience_s
+        status = logs.follow(backend, record, emit=ctx.out.log_text, offset=offset,
+                             on_offset=keep_offset, patience_s=patience_s)  # fmt: skip
     except KeyboardInterrupt:
         journal.save_record(ctx.output_dir, record)
         ctx.out.interrupted(record.run_id)

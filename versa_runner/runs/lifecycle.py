@@ -23,6 +23,7 @@ import yaml
 from versa_runner.backends.base import Backend, call_target
 from versa_runner.errors import PreflightError, RunStateError, TargetError, UsageError
 from versa_runner.runs.journal import RunRecord
+from versa_runner.runs.logs import FOLLOW_PATIENCE_S
 from versa_runner.runs.secrets import JobEnvironment, encode_secrets_env
 from versa_runner.runs.status import RunState, RunStatus, read_status
 from versa_runner.target import bundle, launcher
@@ -49,13 +50,15 @@ class Settings:
     min_free_gb: float = 5.0
     kernel_name: str = "python3"
     execution_timeout_s: float | None = None
+    unreachable_patience_s: float = FOLLOW_PATIENCE_S
 
     @classmethod
     def from_env(cls, environ: dict[str, str], **overrides: Any) -> Settings:
-        """Read `VERSA_RUNNER_HEARTBEAT_S` / `VERSA_RUNNER_MIN_FREE_GB` at call time."""
+        """Read `VERSA_RUNNER_HEARTBEAT_S`, `_MIN_FREE_GB` and `_PATIENCE_S` at call time."""
         values: dict[str, Any] = {}
         for name, field_name in (("VERSA_RUNNER_HEARTBEAT_S", "heartbeat_interval_s"),
-                                 ("VERSA_RUNNER_MIN_FREE_GB", "min_free_gb")):  # fmt: skip
+                                 ("VERSA_RUNNER_MIN_FREE_GB", "min_free_gb"),
+                                 ("VERSA_RUNNER_PATIENCE_S", "unreachable_patience_s")):  # fmt: skip
             if environ.get(name):
                 values[field_name] = _positive_float(name, environ[name])
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from versa_runner.backends.base import Backend
 from versa_runner.errors import UnreachableError, WaitTimeoutError
 from versa_runner.runs.journal import RunRecord
-from versa_runner.runs.status import RunStatus, read_status
+from versa_runner.runs.status import RunState, RunStatus, read_status
 from versa_runner.target.layout import LOG_FILE
 
 LOG_READ_BYTES = 1 << 20  # 1 MiB per Range read (versa_spec §8.15)
@@ -84,6 +84,8 @@ def follow(
     while True:
         status = read_status(backend, record)
         try:
+            if status.state is RunState.UNREACHABLE:
+                raise UnreachableError(f"run {record.run_id}: the target stopped answering")
             text = reader.read_new()
         except UnreachableError:
             now = clock()
@@ -115,13 +117,27 @@ def wait(
     poll_s: float = LOG_POLL_S,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    patience_s: float = FOLLOW_PATIENCE_S,
 ) -> RunStatus:
-    """Poll until the run is terminal; WaitTimeoutError when `timeout_s` runs out first."""
+    """Poll until the run is terminal; WaitTimeoutError when `timeout_s` runs out first.
+
+    A target that stops answering is polled on for `patience_s` seconds (a Kaggle proxy drops
+    for a minute now and then), then UnreachableError.
+    """
     deadline = None if timeout_s is None else clock() + timeout_s
+    unreachable_since: float | None = None
     while True:
         status = read_status(backend, record)
         if status.state.is_terminal:
             return status
+        if status.state is RunState.UNREACHABLE:
+            now = clock()
+            unreachable_since = now if unreachable_since is None else unreachable_since
+            if now - unreachable_since >= patience_s:
+                raise UnreachableError(f"run {record.run_id}: the target stopped answering "
+                                       f"for {now - unreachable_since:.0f} s")  # fmt: skip
+        else:
+            unreachable_since = None
         if deadline is not None and clock() >= deadline:
             raise WaitTimeoutError(
                 f"run {record.run_id} still {status.state.value} after {timeout_s:g} s"
