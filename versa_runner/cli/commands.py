@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from versa_runner import tasks
 from versa_runner.backends.base import Backend
 from versa_runner.backends.local import LocalBackend
@@ -23,6 +21,7 @@ from versa_runner.errors import (
     UsageError,
     VersaRunError,
 )
+from versa_runner.params import literal_value
 from versa_runner.runs import journal, lifecycle, logs, sync
 from versa_runner.runs.journal import RunRecord
 from versa_runner.runs.prepare import remote_prepare
@@ -63,14 +62,16 @@ def cmd_submit(ctx: Context) -> int:
             raise UsageError(f"task {task.name}: its notebook {notebook} does not exist yet",
                              hint="This task's notebook has not been written; pick another task.")  # fmt: skip
         task_name = task.name
+        checks = tasks.input_checks(task, params)
     else:
         if a.extra:
             raise UsageError(f"unknown flag {a.extra[0]!r} for --notebook runs (use -p NAME VALUE)")
         notebook = Path(a.notebook).resolve()
         if not notebook.exists():
             raise UsageError(f"--notebook: {notebook} does not exist")
-        params = {name: yaml.safe_load(value) for name, value in a.param}
+        params = {name: literal_value(name, value) for name, value in a.param}
         task_name = notebook.stem
+        checks = []
     job_env = collect_job_environment(secret_names=a.secret, env_pairs=a.env, environ=os.environ)
     for value in job_env.secrets.values():
         ctx.out.redact.add(value)
@@ -81,6 +82,7 @@ def cmd_submit(ctx: Context) -> int:
             backend, task=task_name, notebook_path=notebook, params=params, job_env=job_env,
             settings=settings, save=lambda r: journal.save_record(ctx.output_dir, r),
             prepare=remote_prepare(backend, task_name, a.profile, ctx.out.transfer),
+            input_checks=checks,
         )  # fmt: skip
         ctx.out.submitted(record, detached=not a.no_detach)
         if a.no_detach:

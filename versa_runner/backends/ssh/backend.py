@@ -11,11 +11,8 @@ launch snippet starts the launcher in its own process session (lifecycle), not b
 anything here. A connection that drops is re-opened by the next call (read-only calls retry
 once), so a follower polling status rides over it.
 
-No call waits without a deadline. paramiko's own waits are unbounded in places (a channel's
-`exec_command` and the SFTP subsystem request wait for an answer forever; opening a channel
-waits an hour), so: every SFTP request times out after `io_timeout_s` of silence, and an
-exec or SFTP start runs under `_watchdog`, which closes the connection when it overruns. A
-host that stops answering is then an UnreachableError, which the follower retries.
+No call waits without a deadline (`backends.ssh.waits` says how): a host that stops answering
+is an UnreachableError, which a follower retries.
 """
 
 from __future__ import annotations
@@ -27,8 +24,6 @@ import posixpath
 import secrets
 import shlex
 import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -45,6 +40,12 @@ from versa_runner.backends.ssh.target import (
     UnknownHostKey,
     open_client,
     parse_ssh_spec,
+)
+from versa_runner.backends.ssh.waits import (
+    IO_TIMEOUT_S,
+    collect_output,
+    io_timeout_from_env,
+    watchdog,
 )
 from versa_runner.errors import (
     AuthError,
@@ -68,10 +69,6 @@ DEFAULT_PYTHON = "python3"
 PASSPHRASE_ENV = "VERSA_SSH_PASSPHRASE"
 HASH_TIMEOUT_S = 600.0
 READ_BACK_MAX_BYTES = 1 << 20  # uploads up to this size are verified by reading them back
-EXEC_POLL_S = 0.01
-IO_TIMEOUT_S = 30.0
-"""An SFTP request with no answer for this long fails (the connection is then re-opened)."""
-IO_TIMEOUT_ENV = "VERSA_RUNNER_IO_TIMEOUT_S"  # tests shorten it
 STDERR_TAIL_LINES = 3
 
 
@@ -183,14 +180,14 @@ class SshBackend:
         command = f"{enter_root} && exec {shlex.quote(self.python)} -"
         with self._boundary("run a snippet"):
             transport = self._connection().get_transport()
-            with self._watchdog(timeout_s + CONNECT_TIMEOUT_S):
+            with watchdog(self._client, timeout_s + CONNECT_TIMEOUT_S, self.describe()):
                 channel = transport.open_session(timeout=CONNECT_TIMEOUT_S)  # type: ignore[union-attr]
                 channel.settimeout(self.io_timeout_s)
                 try:
                     channel.exec_command(command)
                     channel.sendall(code.encode())
                     channel.shutdown_write()
-                    stdout, stderr = _collect(channel, timeout_s)
+                    stdout, stderr = collect_output(channel, timeout_s)
                     exit_status = channel.recv_exit_status()
                 finally:
                     channel.close()
@@ -252,38 +249,11 @@ class SshBackend:
     def _sftp(self) -> paramiko.SFTPClient:
         client = self._connection()
         if self._sftp_client is None:
-            with self._watchdog(CONNECT_TIMEOUT_S):
+            with watchdog(client, CONNECT_TIMEOUT_S, self.describe()):
                 self._sftp_client = client.open_sftp()
             # Every SFTP request reads its answer from this channel: bound each wait.
             self._sftp_client.get_channel().settimeout(self.io_timeout_s)  # type: ignore[union-attr]
         return self._sftp_client
-
-    @contextmanager
-    def _watchdog(self, seconds: float) -> Iterator[None]:
-        """Close the connection if the block still runs after `seconds`: paramiko's blocked
-        waits then end with an error, which `_boundary` reports as UnreachableError."""
-        transport = self._client.get_transport() if self._client is not None else None
-        fired = threading.Event()
-
-        def fire() -> None:
-            fired.set()
-            if transport is not None:
-                transport.close()
-
-        timer = threading.Timer(seconds, fire)
-        timer.daemon = True
-        timer.start()
-        try:
-            yield
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            if fired.is_set():
-                self._drop_connection()
-                raise UnreachableError(
-                    f"{self.describe()} did not answer within {seconds:.0f} s"
-                ) from exc
-            raise
-        finally:
-            timer.cancel()
 
     def _drop_connection(self) -> None:
         for holder in (self._sftp_client, self._client):
@@ -394,29 +364,6 @@ class SshBackend:
             raise TransferError(f"cannot {where}: {exc.strerror or exc}") from exc
 
 
-def _collect(channel: paramiko.Channel, timeout_s: float) -> tuple[bytes, bytes]:
-    """Drain stdout and stderr until the command exits; TargetError past `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    stdout, stderr = bytearray(), bytearray()
-    while True:
-        moved = False
-        if channel.recv_ready():
-            stdout += channel.recv(CHUNK_BYTES)
-            moved = True
-        if channel.recv_stderr_ready():
-            stderr += channel.recv_stderr(CHUNK_BYTES)
-            moved = True
-        if moved:
-            continue
-        if channel.exit_status_ready() and (channel.eof_received or channel.closed):
-            return bytes(stdout), bytes(stderr)
-        if channel.closed and not channel.exit_status_ready():
-            raise EOFError("the SSH channel closed before the snippet finished")
-        if time.monotonic() > deadline:
-            raise TargetError(f"snippet did not finish within {timeout_s:.0f} s")
-        time.sleep(EXEC_POLL_S)
-
-
 def from_options(options: TargetOptions, *, root: str | None = None) -> SshBackend:
     """The SSH target of `options.ssh` (from --ssh, or a journaled run's `ssh:user@host:port`)."""
     user, host, port = parse_ssh_spec(options.ssh or "", port=options.ssh_port)
@@ -428,13 +375,7 @@ def from_options(options: TargetOptions, *, root: str | None = None) -> SshBacke
         options.on_secret(passphrase)
     target = SshTarget(host=host, user=user, port=port, key_file=key, passphrase=passphrase,
                        accept_new=options.ssh_accept_new)  # fmt: skip
-    text = options.environ.get(IO_TIMEOUT_ENV) or str(IO_TIMEOUT_S)
-    try:
-        io_timeout_s = float(text)
-    except ValueError:
-        io_timeout_s = -1.0
-    if not 0 < io_timeout_s < float("inf"):  # NaN, infinities and negatives alike
-        raise UsageError(f"{IO_TIMEOUT_ENV}: expected seconds > 0, got {text!r}")
+    io_timeout_s = io_timeout_from_env(options.environ)
     return SshBackend(target, root=root, python=options.ssh_python or DEFAULT_PYTHON,
                       remote_root=options.remote_root or DEFAULT_REMOTE_ROOT,
                       io_timeout_s=io_timeout_s)  # fmt: skip
