@@ -18,6 +18,11 @@ LAUNCHER = [sys.executable, "-m", "versa_runner.target.launcher"]
 """The launcher from the checkout (runs upload it as launcher.pyz)."""
 REPO = Path(__file__).resolve().parent.parent
 TEST_NOTEBOOKS = REPO / "tests" / "notebooks"
+TARGET_PYTHON = sys.executable
+"""The interpreter an SSH target runs: this test run's own Python (the test venv's, with papermill and
+ipykernel), named by absolute path because the sshd session's PATH may lack it. Never resolved
+through symlinks: a venv's `bin/python` resolves to the base interpreter, which lacks the venv's
+packages, and the machine's own `python3` has none of them."""
 
 
 def runner_env(tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -17,7 +17,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,11 +28,6 @@ from faultproxy import free_port
 SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
 PRIVSEP_DIR = Path("/run/sshd")  # OpenSSH refuses to start without it
 START_TIMEOUT_S = 20.0
-TARGET_PYTHON = sys.executable
-"""The SSH target's interpreter: this test run's own Python (the test venv's, with papermill and
-ipykernel), named by absolute path because the sshd session's PATH may lack it. Never resolved
-through symlinks: a venv's `bin/python` resolves to the base interpreter, which lacks the venv's
-packages, and the machine's own `python3` has none of them."""
 
 SSHD_CONFIG = """\
 ListenAddress 127.0.0.1

@@ -67,6 +67,10 @@ def test_playbook_step1_runs_through_versa_run(inputs, tmp_path: Path) -> None:
     assert recipe["kind"] == "reap_recipe" and recipe["schema_version"] == 1
     scores = yaml.safe_load((art / "reap-scores.yaml").read_text())
     assert scores["kind"] == "reap_scores" and len(scores["ranking_by_layer"]) == 2
+    # The checkpoint ships both YAMLs; its variant has its own folder named in the index.
+    for name in ("reap-recipe.yaml", "reap-scores.yaml"):
+        assert (out / name).read_bytes() == (art / manifest["variant_name"] / name).read_bytes()
+    assert manifest["variants"] == {manifest["variant_name"]: str(out)}
     executed = next((tmp_path / "reports" / "notebooks").glob("*build_pruned*.ipynb"))
     assert '"image/png"' in executed.read_text()  # allocation plots shown inline
     assert any((tmp_path / "reports").glob("build_pruned_*_allocation.png"))
@@ -91,3 +95,28 @@ def test_infeasible_flags_fail_before_any_work(inputs, tmp_path: Path, monkeypat
         with pytest.raises(ParameterError, match=message):
             build_pruned(**{**common, **overrides})
     assert not (tmp_path / "artifacts").exists()  # nothing profiled, nothing written
+
+
+def test_baseline_comparison_is_a_build_parameter(inputs, tmp_path: Path) -> None:
+    import yaml
+    from versa_kernels.eaftreap.build import build_pruned
+
+    ckpt, packs = inputs
+    result = build_pruned(
+        model_path=str(ckpt), calib_pack_files=[str(p) for p in packs], num_rows=4,
+        max_seq_length=96, keep_frac=0.75, min_keep_per_layer=16, max_keep_per_layer=32,
+        baseline_eval_rows=3, baseline_random_seeds=2, artifacts_dir=str(tmp_path / "art"),
+        reports_dir=str(tmp_path / "reports"),
+    )  # fmt: skip
+    v = result.variants[0]
+    b = v.baselines
+    assert b is not None and b["eval_rows"] == 3 and b["random_seeds"] == 2
+    assert len(b["random_ppl"]) == 2 and len(set(b["random_ppl"])) == 2  # two different prunes
+    assert "random (mean of 2)" in result.report_path.read_text()
+    recipe = yaml.safe_load((v.out_dir / "reap-recipe.yaml").read_text())
+    baselines = {"methods": ["frequency", "random"], "eval_rows": 3, "random_seeds": 2}
+    assert recipe["evaluation"] == {"baselines": baselines}
+    from versa_kernels.eaftreap.recipe import build_params_from_recipe
+
+    params = build_params_from_recipe(recipe)
+    assert (params["baseline_eval_rows"], params["baseline_random_seeds"]) == (3, 2)

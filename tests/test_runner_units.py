@@ -122,6 +122,8 @@ def _fake_run(root: Path, run_id: str) -> RunRecord:
     (root / "reports" / "link.md").symlink_to("/etc/hostname")  # never followed by the manifest
     run = root / "versa_runs" / run_id
     run.mkdir(parents=True)
+    started = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)  # before any file above
+    (run / "status.json").write_text(json.dumps({"started_at": started.isoformat()}))
     (run / "output.ipynb").write_text('{"cells": []}')
     (run / "run.log").write_text("log\n")
     return _record(run_id, root)
@@ -226,17 +228,19 @@ def test_state_derivation_from_files(tmp_path: Path) -> None:
 def test_progress_counts_code_cells(tmp_path: Path) -> None:
     record = _record("20260101T000000Z-abcdef", tmp_path)
     now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=30)
-    cells = [
-        {"cell_type": "markdown", "metadata": {"papermill": {"status": "completed"}}},
-        {"cell_type": "code", "metadata": {"papermill": {"status": "completed"}}},
-        {"cell_type": "code", "metadata": {"papermill": {"status": "completed"}}},
-        {
-            "cell_type": "code",
-            "metadata": {"papermill": {"status": "running", "start_time": now.isoformat()}},
-        },
-        {"cell_type": "code", "metadata": {"papermill": {"status": "pending"}}},
-    ]
-    _write(tmp_path / record.run_dir / "output.ipynb", {"cells": cells})
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+    def cell(state: str, **papermill: str) -> dict:
+        return {"papermill": {"status": state, **papermill}}
+
+    notebook = new_notebook(cells=[  # what papermill writes: a valid nbformat 4 notebook
+        new_markdown_cell("# t", metadata=cell("completed")),
+        new_code_cell("a = 1", metadata=cell("completed")),
+        new_code_cell("b = 2", metadata=cell("completed")),
+        new_code_cell("c = 3", metadata=cell("running", start_time=now.isoformat())),
+        new_code_cell("d = 4", metadata=cell("pending")),
+    ])  # fmt: skip
+    _write(tmp_path / record.run_dir / "output.ipynb", notebook)
     progress = read_progress(LocalBackend(tmp_path), record)
     assert (progress.cells_done, progress.cells_total, progress.current_cell) == (2, 4, 3)
     assert 29 <= progress.current_cell_elapsed_s < 60

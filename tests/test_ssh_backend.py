@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import paramiko
 import pytest
-from ssh_fixtures import TARGET_PYTHON
+from runner_support import TARGET_PYTHON
 
 from versa_runner.backends import get_backend_class
 from versa_runner.backends.base import Backend

@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from faultproxy import free_port
-from runner_support import TEST_NOTEBOOKS, cli, runner_env, wait_for
-from ssh_fixtures import TARGET_PYTHON
+from runner_support import TARGET_PYTHON, TEST_NOTEBOOKS, cli, runner_env, wait_for
 
 if TYPE_CHECKING:
     from ssh_fixtures import SshServer

@@ -1,9 +1,9 @@
-"""The verbs: each turns parsed options into calls of `versa_runner.runs` and lines of
-`Output`. Expected failures raise `VersaRunError`; `cli.main` turns them into exit statuses."""
+"""The verbs about one run (submit, status, logs, wait, sync, kill): each turns parsed options
+into calls of `versa_runner.runs` and lines of `Output`. Expected failures raise
+`VersaRunError`; `cli.main` turns them into exit statuses."""
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import time
@@ -11,18 +11,17 @@ from pathlib import Path
 
 from versa_runner import tasks
 from versa_runner.backends.base import Backend
-from versa_runner.backends.local import LocalBackend
 from versa_runner.cli.context import Context
 from versa_runner.errors import (
     BootstrapError,
     JobFailedError,
-    PreflightError,
     RunStateError,
+    UnreachableError,
     UsageError,
     VersaRunError,
 )
 from versa_runner.params import literal_value
-from versa_runner.runs import journal, lifecycle, logs, sync
+from versa_runner.runs import journal, lifecycle, logs, next_steps, sync
 from versa_runner.runs.journal import RunRecord
 from versa_runner.runs.prepare import remote_prepare
 from versa_runner.runs.secrets import collect_job_environment
@@ -31,10 +30,15 @@ from versa_runner.runs.status import RunState, RunStatus, read_status
 INTERRUPTED_EXIT = 130  # what a shell reports for Ctrl-C
 
 
-def _outcome(record: RunRecord, status: RunStatus) -> int:
-    """Turn a terminal status into the command's exit status (raising for failures)."""
+def _outcome(ctx: Context, backend: Backend, record: RunRecord, status: RunStatus) -> int:
+    """Turn a terminal status into the command's exit status (raising for failures); a success
+    prints the command that comes next."""
     logs_hint = f"`versa-run logs {record.run_id} --tail 60` shows the error."
     if status.state is RunState.SUCCEEDED:
+        try:
+            ctx.out.next_steps(next_steps.after_success(backend, record))
+        except VersaRunError as error:  # a hint never costs the job's own exit status (#14)
+            ctx.out.info(f"(next steps not shown: {error})")
         return 0
     if status.state is RunState.BOOTSTRAP_FAILED:
         raise BootstrapError(f"run {record.run_id}: bootstrap failed")
@@ -89,18 +93,21 @@ def cmd_submit(ctx: Context) -> int:
             status = _follow(ctx, backend, record, offset=0)
             if status is None:
                 return INTERRUPTED_EXIT
-            _sync_after_run(ctx, backend, record)
+            selection = sync.Selection(with_checkpoints=a.with_checkpoints)
+            _sync_after_run(ctx, backend, record, selection)
             ctx.out.status(record, status)
-            return _outcome(record, status)
+            return _outcome(ctx, backend, record, status)
     return 0
 
 
-def _sync_after_run(ctx: Context, backend: Backend, record: RunRecord) -> None:
+def _sync_after_run(
+    ctx: Context, backend: Backend, record: RunRecord, selection: sync.Selection
+) -> None:
     """Sync a followed run that has ended. The job's outcome is already known from its status
     files, so a sync that fails (the target went away again, its kernel cannot be had) is
     reported with the command that retries it, and the exit status stays the job's own."""
     try:
-        ctx.out.synced(sync.sync_run(backend, record, ctx.output_dir))
+        ctx.out.synced(sync.sync_run(backend, record, ctx.output_dir, selection=selection))
     except VersaRunError as error:
         ctx.out.info(f"warning: the run ended but its outputs were not synced: {error}")
         options = f" {ctx.out.command_options}" if ctx.out.command_options else ""
@@ -133,6 +140,8 @@ def cmd_status(ctx: Context) -> int:
     record = ctx.record(ctx.args.run)
     with ctx.backend_for(record) as backend:
         status = read_status(backend, record)
+    if status.state is RunState.UNREACHABLE:  # the last state seen stays in the journal
+        raise UnreachableError(f"run {record.run_id}: its target {record.target} does not answer")
     ctx.remember(record, status)
     ctx.out.status(record, status)
     return 0
@@ -155,10 +164,9 @@ def cmd_logs(ctx: Context) -> int:
                 f"resuming the log at byte {offset}, where the last follower stopped "
                 "(--tail N shows earlier lines)"
             )
-        if a.follow:
-            return (
-                0 if _follow(ctx, backend, record, offset=offset) is not None else INTERRUPTED_EXIT
-            )
+        if a.follow:  # like `wait`: exit with the run's outcome
+            status = _follow(ctx, backend, record, offset=offset)
+            return INTERRUPTED_EXIT if status is None else _outcome(ctx, backend, record, status)
         if a.tail is None:
             reader = logs.LogReader(backend, record)
             ctx.out.log_text(reader.read_new())
@@ -169,12 +177,13 @@ def cmd_wait(ctx: Context) -> int:
     """Block until the run ends; exit with its outcome (124 on --timeout)."""
     record = ctx.record(ctx.args.run)
     with ctx.backend_for(record) as backend:
-        status = logs.wait(backend, record, timeout_s=ctx.args.timeout)
+        patience_s = lifecycle.Settings.from_env(dict(os.environ)).unreachable_patience_s
+        status = logs.wait(backend, record, timeout_s=ctx.args.timeout, patience_s=patience_s)
         ctx.remember(record, status)
         if record.backend == "local":  # free: keeps reports/notebooks/<run>_<task>.ipynb current
             sync.copy_executed_notebook(record, Path(record.root))
-    ctx.out.status(record, status)
-    return _outcome(record, status)
+        ctx.out.status(record, status)
+        return _outcome(ctx, backend, record, status)
 
 
 def cmd_sync(ctx: Context) -> int:
@@ -191,15 +200,17 @@ def cmd_sync(ctx: Context) -> int:
     if a.watch is not None and a.watch <= 0:
         raise UsageError(f"--watch: expected minutes > 0, got {a.watch:g}")
     dest = Path(a.dest).resolve() if a.dest else ctx.output_dir
+    selection = sync.Selection(only=tuple(only), include=tuple(a.include),
+                               exclude=tuple(a.exclude), with_checkpoints=a.with_checkpoints)  # fmt: skip
     with ctx.backend_for(record) as backend:
-        ctx.out.synced(sync.sync_run(backend, record, dest, only=only))
+        ctx.out.synced(sync.sync_run(backend, record, dest, selection=selection))
         if a.watch is None:
             return 0
-        return _watch_sync(ctx, backend, record, dest, only=only, every_s=a.watch * 60)
+        return _watch_sync(ctx, backend, record, dest, selection=selection, every_s=a.watch * 60)
 
 
 def _watch_sync(
-    ctx: Context, backend: Backend, record: RunRecord, dest: Path, *, only: list[str],
+    ctx: Context, backend: Backend, record: RunRecord, dest: Path, *, selection: sync.Selection,
     every_s: float,
 ) -> int:  # fmt: skip
     """Re-sync until the run is terminal, then once more (its last files land just before)."""
@@ -208,11 +219,11 @@ def _watch_sync(
             ctx.out.info(f"watching {record.run_id}: next sync in {every_s:g} s (Ctrl-C stops "
                          "watching, not the job)")  # fmt: skip
             time.sleep(every_s)
-            ctx.out.synced(sync.sync_run(backend, record, dest, only=only))
+            ctx.out.synced(sync.sync_run(backend, record, dest, selection=selection))
     except KeyboardInterrupt:
         ctx.out.interrupted(record.run_id)
         return INTERRUPTED_EXIT
-    ctx.out.synced(sync.sync_run(backend, record, dest, only=only))
+    ctx.out.synced(sync.sync_run(backend, record, dest, selection=selection))
     return 0
 
 
@@ -227,43 +238,10 @@ def cmd_kill(ctx: Context) -> int:
     if not confirmed:
         return 0
     with ctx.backend_for(record) as backend:
+        if read_status(backend, record).state is RunState.UNREACHABLE:
+            raise UnreachableError(f"run {record.run_id}: its target {record.target} does not "
+                                   "answer; nothing was signalled")  # fmt: skip
         status = lifecycle.kill(backend, record, grace_s=a.grace)
     ctx.remember(record, status)
     ctx.out.status(record, status)
-    return 0
-
-
-def cmd_list(ctx: Context) -> int:
-    """List journal runs, newest first (local runs refreshed)."""
-    records = journal.list_records(ctx.output_dir)
-    for record in records:  # local runs are cheap to refresh; remote ones show the last seen state
-        if record.backend == "local" and not record.last_status.get("exit_code") == 0:
-            with LocalBackend(record.root) as backend:
-                ctx.remember(record, read_status(backend, record))
-    ctx.out.run_list(records)
-    return 0
-
-
-def cmd_doctor(ctx: Context) -> int:
-    """Check the target (python, papermill, disk, GPUs) without starting a run."""
-    with ctx.target_backend() as backend:
-        if backend.name == "jupyter":  # per-check report: reachable, auth, kernel, python, ...
-            return _jupyter_doctor(ctx, backend)
-        info = lifecycle.preflight(
-            backend, min_free_gb=lifecycle.Settings.from_env(dict(os.environ)).min_free_gb
-        )
-        ctx.out.mapping(f"target {backend.describe()}: ok", info)
-    return 0
-
-
-def _jupyter_doctor(ctx: Context, backend: Backend) -> int:
-    jupyter = importlib.import_module("versa_runner.backends.jupyter.doctor")
-    min_free_gb = lifecycle.Settings.from_env(dict(os.environ)).min_free_gb
-    checks = jupyter.doctor(backend, min_free_gb=min_free_gb)
-    values = {c.name: f"{'ok' if c.ok else 'FAILED'}: {c.detail}" for c in checks}
-    ctx.out.mapping(f"target {backend.describe()}", values)
-    failed = [c for c in checks if not c.ok]
-    if failed:
-        raise PreflightError(f"doctor: {failed[0].name} check failed",
-                             hint="The line above says what was seen; fix it and rerun doctor.")  # fmt: skip
     return 0

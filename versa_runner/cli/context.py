@@ -77,5 +77,6 @@ class Context:
 
     def remember(self, record: RunRecord, status: RunStatus) -> None:
         """Store the last seen status in the run's journal entry."""
-        record.last_status = {"state": status.state.value, "exit_code": status.exit_code}
+        record.last_status = {"state": status.state.value, "exit_code": status.exit_code,
+                              "elapsed_s": status.elapsed_s}  # fmt: skip
         journal.save_record(self.output_dir, record)

@@ -1,41 +1,34 @@
 """`versa-run`: the console entry point. Parses (`cli.parser`), dispatches to a verb
-(`cli.commands`), and is the one place errors become exit statuses; `--debug` adds the
-traceback.
+(`cli.commands` for one run, `cli.tools` for the rest), and is the one place errors become exit
+statuses; `--debug` adds the traceback.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from versa_runner.cli import commands
+from versa_runner.cli import commands, tools
 from versa_runner.cli.context import Context
 from versa_runner.cli.output import Output
-from versa_runner.cli.parser import build_parser, with_implicit_submit
-from versa_runner.errors import JobFailedError, MissingExtraError, UsageError, VersaRunError
+from versa_runner.cli.parser import build_parser, option_strings, with_implicit_submit
+from versa_runner.errors import JobFailedError, UsageError, VersaRunError
+from versa_runner.params import did_you_mean
 
-
-def _delegate(verb: str, module: str, args: list[str]) -> int:
-    # A host-only install (no `gpu` extra) lacks torch, pyarrow, ...: name the extra, not a traceback.
-    try:
-        entry = importlib.import_module(module)
-        return int(entry.main(args) or 0)
-    except ModuleNotFoundError as exc:
-        if exc.name is None or exc.name.split(".")[0] in ("versa_runner", "versa_kernels"):
-            raise
-        raise MissingExtraError(f"versa-run {verb}", exc.name.split(".")[0]) from exc
-
-
-COMMANDS = {
-    "submit": commands.cmd_submit, "status": commands.cmd_status, "logs": commands.cmd_logs,
-    "wait": commands.cmd_wait, "sync": commands.cmd_sync, "kill": commands.cmd_kill,
-    "list": commands.cmd_list, "doctor": commands.cmd_doctor,
-    "fixtures": lambda ctx: _delegate("fixtures", "versa_kernels.fixtures.cli", ctx.args.args),
-    "summarize": lambda ctx: _delegate("summarize", "versa_runner.parity.summarize", ctx.args.args),
-}  # fmt: skip
+COMMANDS: dict[str, Callable[[Context], int]] = {
+    "submit": commands.cmd_submit,
+    "status": commands.cmd_status,
+    "logs": commands.cmd_logs,
+    "wait": commands.cmd_wait,
+    "sync": commands.cmd_sync,
+    "kill": commands.cmd_kill,
+    "list": tools.cmd_list,
+    "doctor": tools.cmd_doctor,
+    "fixtures": tools.cmd_fixtures,
+    "summarize": tools.cmd_summarize,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,20 +40,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         Output(json_mode="--json" in argv).error(error)
         return int(error.exit_code)
-    if getattr(args, "verb", None) in ("fixtures", "summarize"):
-        # Delegated verbs get their tail verbatim: argparse.REMAINDER moves a leading --flag
-        # into `extra` (`summarize --left-json A ...` lost --left-json). H5 minimal edit.
+    if getattr(args, "verb", None) == "fixtures":
+        # The delegated verb gets its tail verbatim: argparse.REMAINDER moves a leading --flag
+        # into `extra` (`fixtures --help` lost --help).
         args.args, extra = argv[argv.index(args.verb) + 1 :], []
     debug = getattr(args, "debug", False)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
     ctx = Context(args)
     try:
+        if extra and args.verb != "submit":
+            verb_parser = parser.verb_parsers[args.verb] if args.verb else parser
+            where = f"versa-run {args.verb}" if args.verb else "versa-run"
+            flag = extra[0].partition("=")[0]
+            raise UsageError(f"{where}: unknown argument {extra[0]!r}"
+                             f"{did_you_mean(flag, option_strings(verb_parser))}",
+                             hint=f"`{where} --help` lists its options.")  # fmt: skip
         if args.verb is None:
             parser.print_help()
             return 0
-        if extra and args.verb != "submit":
-            raise UsageError(f"versa-run {args.verb}: unknown argument {extra[0]!r}",
-                             hint=f"`versa-run {args.verb} --help` lists its options.")  # fmt: skip
         args.extra = extra
         return COMMANDS[args.verb](ctx)
     except VersaRunError as error:

@@ -7,6 +7,7 @@ first, so a secret value can reach the screen only if this module is bypassed.
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -20,6 +21,42 @@ if TYPE_CHECKING:
     from versa_runner.runs.journal import RunRecord
     from versa_runner.runs.status import RunStatus
     from versa_runner.runs.sync import SyncResult
+
+
+PLAIN_WIDTH = 200  # piped output: wide enough that a row never wraps
+LIST_COLUMNS = ("run_id", "task", "state", "duration", "target", "created_at")
+STATE_STYLES = {"succeeded": "green", "failed": "red", "killed": "yellow", "timeout": "red",
+                "bootstrap_failed": "red", "stale": "yellow", "lost": "red", "running": "cyan",
+                "unreachable": "yellow"}  # fmt: skip
+
+
+def _list_row(record: RunRecord) -> dict[str, Any]:
+    elapsed = record.last_status.get("elapsed_s")
+    return {
+        "run_id": record.run_id,
+        "task": record.task,
+        "state": record.last_status.get("state", "?"),
+        "duration_s": elapsed,
+        "duration": _duration(elapsed),
+        "target": record.target,
+        "created_at": record.created_at[:19].replace("T", " "),
+    }
+
+
+def _duration(seconds: Any) -> str:
+    """`1h02m`, `3m07s`, `12s`; `-` when unknown."""
+    if not isinstance(seconds, (int, float)):
+        return "-"
+    total = int(round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
 
 
 def follow_up_commands(run_id: str, options: str = "") -> list[str]:
@@ -63,6 +100,17 @@ class Output:
         else:
             self.stream.write(text + "\n")
             self.stream.flush()
+
+    def _rich(self, renderable: Any) -> None:
+        """Print a rich renderable: styled on a terminal, plain text when piped (redacted)."""
+        from rich.console import Console
+
+        terminal = self._console is not None
+        buffer = io.StringIO()
+        Console(file=buffer, width=self._console.width if terminal else PLAIN_WIDTH,
+                force_terminal=terminal, no_color=not terminal, highlight=False).print(renderable)  # fmt: skip
+        self.stream.write(self.redact(buffer.getvalue()))
+        self.stream.flush()
 
     def emit_json(self, obj: dict[str, Any]) -> None:
         """One JSON object on one line (redacted like everything else)."""
@@ -140,7 +188,7 @@ class Output:
         line = f"{record.run_id}  {record.task}  {status.state.value}"
         if status.exit_code is not None:
             line += f"  exit_code={status.exit_code}"
-        self._line(line, style="bold")
+        self._line(line, style=STATE_STYLES.get(status.state.value, "bold"))
         progress = status.progress
         if progress is not None:
             text = f"  cell {progress.cells_done}/{progress.cells_total} completed"
@@ -148,6 +196,8 @@ class Output:
                 text += f"; cell {progress.current_cell} running"
                 if progress.current_cell_elapsed_s is not None:
                     text += f" for {progress.current_cell_elapsed_s:.0f} s"
+            if progress.interrupted_cell is not None:
+                text += f"; cell {progress.interrupted_cell} interrupted"
             if progress.failed_cell is not None:
                 text += f"; cell {progress.failed_cell} failed"
             self._line(text)
@@ -160,15 +210,50 @@ class Output:
             self._line(f"  heartbeat {status.heartbeat_age_s:.0f} s ago")
 
     def run_list(self, records: list[RunRecord]) -> None:
-        """One line per journaled run, newest first."""
+        """The journaled runs in the order given (newest first): a header, then one row each
+        with state, duration and target; `--json` lists the same rows in the same order."""
+        rows = [_list_row(r) for r in records]
         if self.json_mode:
-            self.emit_json({"runs": [{"run_id": r.run_id, "task": r.task, "target": r.target,
-                                      "last_state": r.last_status.get("state")} for r in records]})  # fmt: skip
+            self.emit_json({"runs": rows})
             return
-        if not records:
+        if not rows:
             self._line("no runs yet")
-        for r in reversed(records):
-            self._line(f"{r.run_id}  {r.task:<36} {r.last_status.get('state', '?'):<16} {r.target}")
+            return
+        from rich.table import Table  # a table on a terminal, aligned plain columns otherwise
+
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for column in LIST_COLUMNS:
+            table.add_column(column.upper().replace("_", " "), no_wrap=True)
+        for row in rows:
+            state = str(row["state"])
+            cells = [_cell(row[c]) for c in LIST_COLUMNS]
+            table.add_row(*cells, style=STATE_STYLES.get(state))
+        self._rich(table)
+
+    def next_steps(self, commands: list[str]) -> None:
+        """The command(s) that come next in the playbook (after a successful step)."""
+        if self.json_mode or not commands:
+            return
+        self._line("next:")
+        for command in commands:
+            self._line(f"  {command}", style="cyan")
+
+    def verdict(self, *, out_md: str, gate: str, passed: bool, failures: list[str],
+                levers: list[str]) -> None:  # fmt: skip
+        """A parity verdict: the report written, PASS/FAIL, each failed check, the levers."""
+        if self.json_mode:
+            self.emit_json({"out_md": out_md, "gate": gate, "passed": passed,
+                            "failures": failures, "levers": levers})  # fmt: skip
+            return
+        self._line(f"[+] Wrote {out_md}")
+        word = "PASS" if passed else "FAIL"
+        self._line(f"Gate {gate}: {word}", style="bold green" if passed else "bold red")
+        for failure in failures:
+            self._line(f"  - {failure}")
+        if levers:
+            self._line("next levers (playbook §5, no finetune), one at a time:")
+            for lever in levers:
+                self._line(f"  - {lever}", style="cyan")
 
     def synced(self, result: SyncResult) -> None:
         """What a sync transferred and where the executed notebook is."""

@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any, NoReturn
 
 from versa_runner import tasks
 from versa_runner.errors import UsageError
+from versa_runner.params import did_you_mean
 
 VERBS = (
     "submit",
@@ -41,22 +43,41 @@ tasks: """
     "status": "examples:\n  versa-run status\n  versa-run status 20260101T0000 --json",
     "logs": "examples:\n  versa-run logs --tail 50\n  versa-run logs last --follow",
     "wait": "examples:\n  versa-run wait\n  versa-run wait RUN --timeout 3600",
-    "sync": "examples:\n  versa-run sync\n  versa-run sync RUN --only reports,output.ipynb --dest ./pulled\n  versa-run sync last --watch 10",
+    "sync": "examples:\n  versa-run sync                                   # the run's own outputs, no checkpoints\n"
+    "  versa-run sync RUN --only reports,output.ipynb --dest ./pulled\n"
+    "  versa-run sync RUN --include 'artifacts/*.json' --exclude '*.png'\n"
+    "  versa-run sync RUN --with-checkpoints           # also the pruned *.safetensors\n"
+    "  versa-run sync last --watch 10",
     "kill": "examples:\n  versa-run kill RUN\n  versa-run kill RUN --grace 5 --yes",
     "list": "examples:\n  versa-run list\n  versa-run list --json",
     "doctor": "examples:\n  versa-run doctor\n  versa-run doctor --url-file ~/.kaggle_url\n"
     "  versa-run doctor --ssh me@gpu-box:2222 --ssh-accept-new",
-    "fixtures": "examples:\n  versa-run fixtures --help",
-    "summarize": "examples:\n  versa-run summarize --left-json A.json --right-json B.json --out-md S.md",
+    "fixtures": "examples:\n  versa-run fixtures model /tmp/tiny-gptoss --layers 2 --experts 8 --top-k 4\n"
+    "  versa-run fixtures model /tmp/tiny-trained --trained\n"
+    "  versa-run fixtures packs /tmp/calib-packs --rows 128",
+    "summarize": "examples:\n  versa-run summarize --left-json base.json --right-json pruned.json --out-md reports/parity.md\n"
+    "  versa-run summarize --left-json A.json --right-json B.json --out-md S.md --gates-json my_gates.json\n"
+    "exit status: 0 PASS, 1 FAIL (the levers to pull next are printed), 2 when the pair cannot be compared",
 }
 RUN_HELP = "run id, unique prefix of one, or `last`; omitted: the newest run in the journal"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one-line UsageErrors (printed by `main` like every other)."""
+    """argparse whose errors are one-line UsageErrors (printed by `main` like every other);
+    a misspelt verb gets a "did you mean"."""
+
+    verb_parsers: dict[str, argparse.ArgumentParser]
 
     def error(self, message: str) -> NoReturn:
+        choice = re.search(r"invalid choice: '([^']*)'", message)
+        if choice:
+            message += did_you_mean(choice.group(1), VERBS)
         raise UsageError(f"{self.prog}: {message}", hint=f"`{self.prog} --help` lists the options.")
+
+
+def option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """Every `--option` a parser accepts (for "did you mean")."""
+    return [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
 
 
 # fmt: off
@@ -110,11 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--profile", default="auto", choices=("auto", "none", "kaggle"),
                         help="bootstrap profile of a remote target (auto: kaggle when the root is /kaggle/working)")
     submit.add_argument("--execution-timeout", type=float, default=None, metavar="S", help="per-cell timeout")
+    submit.add_argument("--with-checkpoints", action="store_true",
+                        help="with --no-detach: bring checkpoint shards (*.safetensors) back too")
     submit.set_defaults(help_text=submit.format_help)
 
     for name, text in (("status", "show a run's state and progress"), ("logs", "show a run's log"),
                        ("wait", "wait until a run ends; exit with its outcome"),
-                       ("sync", "bring artifacts/, reports/ and the executed notebook back"),
+                       ("sync", "bring the run's own outputs and executed notebook back"),
                        ("kill", "end a run's whole process group")):
         sub = verb(name, text)
         sub.add_argument("run", nargs="?", default=None, metavar="RUN", help=RUN_HELP)
@@ -127,16 +150,28 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sync":
             sub.add_argument("--only", default="", help="comma list of artifacts,reports,output.ipynb,run.log")
             sub.add_argument("--dest", default=None, help="destination directory (default: --output-dir)")
+            sub.add_argument("--with-checkpoints", action="store_true",
+                             help="also bring checkpoint shards (*.safetensors, many GB) back")
+            sub.add_argument("--include", action="append", default=[], metavar="GLOB",
+                             help="only paths matching GLOB (root-relative, `*` crosses /; repeatable)")
+            sub.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                             help="skip paths matching GLOB (repeatable)")
             sub.add_argument("--watch", type=float, default=None, metavar="MIN",
                              help="sync again every MIN minutes until the run ends (a session that dies keeps what was synced)")
         if name == "kill":
             sub.add_argument("--grace", type=float, default=30.0, metavar="S", help="seconds between SIGTERM and SIGKILL")
             sub.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    verb("list", "list runs in the journal, newest first")
+    verb("list", "list runs in the journal, newest first: state, duration, target")
     verb("doctor", "check the target: python, papermill, disk, GPUs")
-    for name, text in (("fixtures", "build test fixtures (versa_kernels.fixtures)"),
-                       ("summarize", "summarize a base/pruned EAFT pair and apply the gates")):
-        verb(name, text).add_argument("args", nargs=argparse.REMAINDER, help="passed through")
+    fixtures = verb("fixtures", "write a tiny gpt-oss model or calibration packs", add_help=False)
+    fixtures.add_argument("args", nargs=argparse.REMAINDER, help="model DIR [flags] | packs DIR [flags]")
+    summarize = verb("summarize", "compare a base and a pruned eaft_single JSON and apply the gate")
+    summarize.add_argument("--left-json", required=True, metavar="FILE", help="baseline (base model) collector JSON")
+    summarize.add_argument("--right-json", required=True, metavar="FILE", help="candidate (pruned model) collector JSON")
+    summarize.add_argument("--out-md", required=True, metavar="FILE", help="markdown report to write (plots beside it)")
+    summarize.add_argument("--gates-json", default=None, metavar="FILE",
+                           help="gates file (default: near_lossless_gates.json shipped with versa_runner.parity)")
+    parser.verb_parsers = dict(verbs.choices)
     return parser
 # fmt: on
 

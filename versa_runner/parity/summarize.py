@@ -23,7 +23,6 @@ Pure python + `math` so it runs where torch is absent; matplotlib is imported la
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from versa_runner.errors import ConfigError, UsageError, VersaRunError
+from versa_runner.errors import ConfigError, UsageError
 from versa_runner.fsutil import atomic_write_text
 from versa_runner.parity.gates import DEFAULT_GATES_PATH, GateCheck, Gates, load_gates
 from versa_runner.parity.shared_cc import CcUnderThresholds, cc_under_thresholds, own_cc
@@ -336,34 +335,9 @@ def summarize_pair(
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Flags of `versa-run summarize` and `scripts/summarize_eaft_pair.py` (the playbook's)."""
-    parser = argparse.ArgumentParser(
-        prog="versa-run summarize",
-        description="Compare two eaft_single JSONs and decide the near-lossless gate. "
-        "Exit 0 on PASS, 1 on FAIL, 2 when the pair cannot be compared.",
-        epilog="Example: versa-run summarize --left-json base.json --right-json pruned.json "
-        "--out-md reports/parity.md",
-    )
-    parser.add_argument("--left-json", required=True, help="baseline collector JSON")
-    parser.add_argument("--right-json", required=True, help="candidate collector JSON")
-    parser.add_argument("--out-md", required=True, help="markdown report to write")
-    parser.add_argument(
-        "--gates-json", default=None, help=f"gates file (default {DEFAULT_GATES_PATH.name})"
-    )
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: 0 PASS, 1 FAIL, the error's exit code (2) when the pair is refused."""
-    args = build_parser().parse_args(argv)
-    try:
-        summary = summarize_pair(args.left_json, args.right_json, args.out_md, args.gates_json)
-    except VersaRunError as exc:
-        sys.stderr.write(f"error: {exc}\n" + (f"hint: {exc.hint}\n" if exc.hint else ""))
-        return int(exc.exit_code)
-    verdict = "PASS" if summary.passed else "FAIL"
-    sys.stdout.write(f"[+] Wrote {args.out_md}\nGate {summary.gates.name}: {verdict}\n")
-    for failure in summary.failures:
-        sys.stdout.write(f"  - {failure}\n")
-    return 0 if summary.passed else 1
+    """`versa-run summarize ARGS` (kept for `scripts/summarize_eaft_pair.py` and callers): 0 PASS,
+    1 FAIL, 2 when the pair is refused. Flags and output live in the CLI, defined once."""
+    from versa_runner.cli.main import main as versa_run
+
+    return versa_run(["summarize", *(sys.argv[1:] if argv is None else argv)])

@@ -7,6 +7,7 @@ started. Time is injected (`now`) so tests control ages.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import time
@@ -61,6 +62,7 @@ class Progress:
     current_cell: int | None  # 1-based index of the running cell
     current_cell_elapsed_s: float | None
     failed_cell: int | None
+    interrupted_cell: int | None = None  # the cell that was running when the run ended
 
 
 @dataclass
@@ -116,6 +118,12 @@ def read_status(
             status.state = RunState(recorded)
         else:  # exit_code is written before the final status.json: trust the code
             status.state = RunState.SUCCEEDED if status.exit_code == 0 else RunState.FAILED
+        if status.progress is not None and status.progress.current_cell is not None:
+            # papermill never marks the cell it was in when the job was killed: nothing runs now
+            status.progress = dataclasses.replace(
+                status.progress, current_cell=None, current_cell_elapsed_s=None,
+                interrupted_cell=status.progress.current_cell,
+            )  # fmt: skip
         return status
     interval = float(info.get("heartbeat_interval_s", launcher.DEFAULT_HEARTBEAT_INTERVAL_S))
     if raw_status is None:
@@ -147,12 +155,14 @@ def read_progress(backend: Backend, record: RunRecord) -> Progress | None:
     raw = backend.read_bytes(f"{record.run_dir}/{OUTPUT_NOTEBOOK}")
     if not raw:
         return None
+    import nbformat  # only status reads notebooks; keeps other commands light
+
     try:
-        cells = json.loads(raw).get("cells", [])
-    except ValueError:  # papermill rewrites the file in place; a torn read is retried next poll
+        notebook = nbformat.reads(raw.decode("utf-8"), as_version=nbformat.NO_CONVERT)
+    except (ValueError, UnicodeDecodeError):  # papermill rewrites in place: a torn read is retried
         return None
     # papermill inserts an error banner cell on failure; count the notebook's code cells only
-    cells = [c for c in cells if c.get("cell_type") == "code"
+    cells = [c for c in notebook.cells if c.cell_type == "code"
              and ERROR_CELL_TAG not in c.get("metadata", {}).get("tags", [])]  # fmt: skip
     done, current, failed, elapsed = 0, None, None, None
     for index, cell in enumerate(cells, start=1):

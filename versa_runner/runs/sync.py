@@ -2,8 +2,13 @@
 
 Protocol (versa_spec §8.8), generic over backends:
 
-1. an op on the target (`target.fileops.manifest`) builds the manifest (relative path, size, mtime, sha256) of
-   `artifacts/`, `reports/` and the run's `output.ipynb` / `run.log`; symlinks are not followed;
+1. an op on the target (`target.fileops.manifest`) builds the manifest (relative path, size,
+   mtime, sha256) of the run's `output.ipynb` / `run.log` and of what *this run* wrote under
+   `artifacts/` and `reports/`: the list the launcher recorded at the end (`written.json`), or,
+   while it runs, what changed since it started. Checkpoint shards (`*.safetensors`, ...) stay
+   on the target unless `with_checkpoints`; `include` / `exclude` globs narrow further. (Another
+   run writing into the same folders at the same time is indistinguishable by time; give runs
+   their own out_dir.) Symlinks are not followed;
 2. each entry's path is checked before anything is written: absolute paths, `..` and links
    leaving the destination raise UnsafePathError;
 3. entries whose sha256 matches the local `.versa_manifest.json` (or the file already on disk)
@@ -28,9 +33,9 @@ from versa_runner.backends.base import Backend, call_target
 from versa_runner.errors import TransferError, UnsafePathError
 from versa_runner.fsutil import atomic_copy, atomic_write_json, sha256_file
 from versa_runner.runs.journal import RunRecord
+from versa_runner.target.layout import OUTPUT_DIRS
 
 LOCAL_MANIFEST = ".versa_manifest.json"
-OUTPUT_DIRS = ("artifacts", "reports")
 RUN_FILES = ("output.ipynb", "run.log")
 MANIFEST_TIMEOUT_S = 600.0  # hashing multi-GB checkpoints takes minutes (versa_spec §8.15)
 PART_SUFFIX = ".part"
@@ -81,11 +86,26 @@ def safe_destination(dest_root: Path, relative: str) -> Path:
     return candidate
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Which files of a run a sync brings back (see the module docstring)."""
+
+    only: tuple[str, ...] = ()  # subset of OUTPUT_DIRS + RUN_FILES; empty: all of them
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    with_checkpoints: bool = False
+
+
 def remote_manifest(
-    backend: Backend, *, dirs: Iterable[str], files: Iterable[str]
-) -> list[ManifestEntry]:
-    """Build the manifest on the target (one op) and parse it."""
-    args = {"root": backend.root(), "dirs": list(dirs), "files": list(files)}
+    backend: Backend, *, dirs: Iterable[str], files: Iterable[str], run_dir: str | None = None,
+    selection: Selection | None = None,
+) -> list[ManifestEntry]:  # fmt: skip
+    """Build the manifest on the target (one op) and parse it; `run_dir` limits `dirs` to what
+    that run wrote."""
+    selection = selection or Selection()
+    args = {"root": backend.root(), "dirs": list(dirs), "files": list(files), "run_dir": run_dir,
+            "include": list(selection.include), "exclude": list(selection.exclude),
+            "with_checkpoints": selection.with_checkpoints}  # fmt: skip
     reply = call_target(backend, "fileops.manifest", args, timeout_s=MANIFEST_TIMEOUT_S)
     return [ManifestEntry(**entry) for entry in reply["entries"]]
 
@@ -115,13 +135,15 @@ def fetch_file(backend: Backend, entry: ManifestEntry, target: Path) -> int:
 
 
 def sync_run(
-    backend: Backend, record: RunRecord, dest_root: Path, *, only: Iterable[str] = ()
+    backend: Backend, record: RunRecord, dest_root: Path, *, selection: Selection | None = None
 ) -> SyncResult:
     """Bring `record`'s outputs to `dest_root`; idempotent and resumable."""
-    wanted = set(only)
+    selection = selection or Selection()
+    wanted = set(selection.only)
     dirs = [d for d in OUTPUT_DIRS if not wanted or d in wanted]
     files = [f"{record.run_dir}/{name}" for name in RUN_FILES if not wanted or name in wanted]
-    entries = remote_manifest(backend, dirs=dirs, files=files)
+    entries = remote_manifest(backend, dirs=dirs, files=files, run_dir=record.run_dir,
+                              selection=selection)  # fmt: skip
     targets = {entry.path: safe_destination(dest_root, entry.path) for entry in entries}
     local = load_local_manifest(dest_root)
     result = SyncResult([], [], 0, None)

@@ -4,6 +4,8 @@ the small steps of a verified upload (standard library only; see `ops` for how t
 
 from __future__ import annotations
 
+import datetime as _dt
+import fnmatch
 import json
 import os
 import shutil
@@ -15,14 +17,19 @@ from . import files, layout
 
 PART_SUFFIX = ".part"
 KAGGLE_ROOT = "/kaggle/working"
+MTIME_SLACK_S = 2.0  # coarse filesystem timestamps (FAT, some overlays) round down
 
 
 def manifest(args: dict[str, Any]) -> dict[str, Any]:
-    """Relative path, size, mtime and sha256 of every file under `dirs` plus `files`.
+    """Relative path, size, mtime and sha256 of the files a sync may bring back.
+
+    `dirs` are walked (symlinks not followed, transfer temporaries skipped) and `files` added;
+    with `run_dir`, only what that run wrote is kept from `dirs` (see `written_by`); then
+    `include` / `exclude` globs (fnmatch on the root-relative path, `*` crosses `/`) and, unless
+    `with_checkpoints`, the checkpoint shards are dropped, all before anything is hashed.
 
     Hashing is the slow part (a pruned checkpoint under artifacts/ is many GB), so a cache on
     the target (path -> size, mtime, sha256) rehashes only files whose size or mtime changed.
-    Symlinks are not followed; transfer temporaries are skipped.
     """
     root = args["root"]
     cache_path = os.path.join(root, layout.MANIFEST_CACHE)
@@ -31,8 +38,12 @@ def manifest(args: dict[str, Any]) -> dict[str, Any]:
             cache = json.load(fh)
     except (OSError, ValueError):
         cache = {}
+    found = walk(root, args["dirs"])
+    if args.get("run_dir"):
+        found = written_by(root, args["run_dir"], found)
+    wanted = [rel for rel in found + list(args["files"]) if _selected(rel, args)]
     entries: list[dict[str, Any]] = []
-    for rel in _walk(root, args["dirs"]) + list(args["files"]):
+    for rel in wanted:
         entry = _entry(root, rel, cache)
         if entry is not None:
             cache[rel] = entry
@@ -45,7 +56,61 @@ def manifest(args: dict[str, Any]) -> dict[str, Any]:
     return {"entries": entries}
 
 
-def _walk(root: str, dirs: list[str]) -> list[str]:
+def _selected(rel: str, args: dict[str, Any]) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    if not args.get("with_checkpoints") and any(
+        fnmatch.fnmatch(name, pattern) for pattern in layout.CHECKPOINT_GLOBS
+    ):
+        return False
+    include, exclude = args.get("include") or [], args.get("exclude") or []
+    if include and not any(fnmatch.fnmatch(rel, pattern) for pattern in include):
+        return False
+    return not any(fnmatch.fnmatch(rel, pattern) for pattern in exclude)
+
+
+def written_by(root: str, run_dir: str, candidates: list[str]) -> list[str]:
+    """Which of `candidates` the run in `run_dir` wrote.
+
+    A finished run recorded them (`written.json`, by the launcher); for a running one, what was
+    modified since it started (status.json `started_at`). A run that never started wrote
+    nothing. Files another run rewrites later are no longer this run's.
+    """
+    try:
+        with open(os.path.join(root, run_dir, layout.WRITTEN_FILE), encoding="utf-8") as fh:
+            written = set(json.load(fh)["paths"])
+        return [rel for rel in candidates if rel in written]
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        with open(os.path.join(root, run_dir, layout.STATUS_FILE), encoding="utf-8") as fh:
+            started = epoch(json.load(fh)["started_at"])
+    except (OSError, ValueError, KeyError):
+        return []
+    return modified_since(root, candidates, started)
+
+
+def modified_since(root: str, candidates: list[str], since: float) -> list[str]:
+    """The candidates whose mtime is at or after `since` (less the filesystem's mtime slack)."""
+    kept = []
+    for rel in candidates:
+        try:
+            if os.stat(os.path.join(root, rel)).st_mtime >= since - MTIME_SLACK_S:
+                kept.append(rel)
+        except OSError:
+            continue
+    return kept
+
+
+def epoch(stamp: str) -> float:
+    """Unix time of an ISO-8601 stamp (naive stamps are UTC)."""
+    parsed = _dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=_dt.timezone.utc)
+    return parsed.timestamp()
+
+
+def walk(root: str, dirs: list[str]) -> list[str]:
+    """Root-relative paths of the regular files under `dirs` (no symlinked dirs, no temps)."""
     found = []
     for top in dirs:
         for dirpath, dirnames, filenames in os.walk(os.path.join(root, top)):  # no dir symlinks

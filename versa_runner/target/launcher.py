@@ -36,18 +36,21 @@ import subprocess
 import sys
 import time
 
-from . import files, proc
+from . import fileops, files, proc
 from .layout import (
     EXIT_CODE_FILE,
     HEARTBEAT_FILE,
     INPUT_NOTEBOOK,
     LAUNCH_FILE,
     LOG_FILE,
+    OUTPUT_DIRS,
     OUTPUT_NOTEBOOK,
     PARAMS_FILE,
     SECRETS_FILE,
     STATUS_FILE,
+    WRITTEN_FILE,
 )
+from .notebook import QUIET_WARNINGS
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 15.0
 DEFAULT_KILL_GRACE_S = 10.0
@@ -62,6 +65,14 @@ LOG_PREFIX = "[versa-runner]"
 # app, `versa_runner.target` in a checkout).
 TARGET_PATH_ENV = "VERSA_TARGET_PATH"
 TARGET_PACKAGE_ENV = "VERSA_TARGET_PACKAGE"
+
+
+# `python -c NOTEBOOK_BOOT <package path> <package name> <json>` runs `notebook.main` from the
+# same copy of this package the launcher runs from (zip app or checkout).
+NOTEBOOK_BOOT = (
+    "import importlib, sys; sys.path.insert(0, sys.argv[1]); "
+    "sys.exit(importlib.import_module(sys.argv[2] + '.notebook').main(sys.argv[3:]))"
+)
 
 
 def utc_now() -> str:
@@ -90,6 +101,7 @@ class Launcher:
         self.kill_grace_s = float(self.config.get("kill_grace_s", DEFAULT_KILL_GRACE_S))
         self.status: dict[str, object] = {}
         self.stop_signal: int | None = None
+        self.started_epoch: float | None = None
         self.log = open(self._path(LOG_FILE), "ab", buffering=0)  # noqa: SIM115 (lives as long as the run)
 
     def _path(self, name: str) -> str:
@@ -124,6 +136,7 @@ class Launcher:
     def finish(self, state: str, exit_code: int) -> int:
         """Write `exit_code` first, then the final status (readers key off exit_code's presence)."""
         self.keep_executed_notebook()
+        self.record_written()
         files.atomic_write_text(self._path(EXIT_CODE_FILE), f"{exit_code}\n")
         self.write_status(state=state, exit_code=exit_code, ended_at=utc_now())
         self.say(f"state={state} exit_code={exit_code}")
@@ -143,6 +156,20 @@ class Launcher:
                 files.atomic_write_text(target, fh.read())
         except OSError as exc:  # evidence first: a failed copy must not lose the exit code
             self.say(f"could not copy the executed notebook to {relative}: {exc}")
+
+    def record_written(self) -> None:
+        """List in `written.json` the files under the cwd's artifacts/ and reports/ that changed
+        while this run lived: what `sync` brings back for it by default."""
+        if self.started_epoch is None:
+            return
+        cwd = str(self.config.get("cwd") or os.getcwd())
+        try:
+            found = fileops.walk(cwd, list(OUTPUT_DIRS))
+            paths = fileops.modified_since(cwd, found, self.started_epoch)
+            record = {"paths": paths, "since": self.started_epoch, "until": time.time()}
+            files.atomic_write_text(self._path(WRITTEN_FILE), json.dumps(record, indent=1))
+        except OSError as exc:  # evidence first: sync then falls back to the time window
+            self.say(f"could not record the files this run wrote: {exc}")
 
     def load_secrets(self) -> dict[str, str]:
         """Read and delete secrets.env; values go to the job env only."""
@@ -171,6 +198,10 @@ class Launcher:
             current = env.get("PYTHONPATH", "")
             env["PYTHONPATH"] = os.pathsep.join(extra + ([current] if current else []))
         env["PYTHONUNBUFFERED"] = "1"
+        quiet = ",".join(QUIET_WARNINGS)
+        env["PYTHONWARNINGS"] = (
+            f"{env['PYTHONWARNINGS']},{quiet}" if env.get("PYTHONWARNINGS") else quiet
+        )
         env.update(secrets)
         return env
 
@@ -213,18 +244,18 @@ class Launcher:
         return True
 
     def papermill_argv(self, cwd: str) -> list[str]:
-        """The papermill command line (versa_spec §8.5); secrets never appear in it."""
-        argv = [
-            sys.executable, "-m", "papermill",
-            self._path(INPUT_NOTEBOOK), self._path(OUTPUT_NOTEBOOK),
-            "-f", self._path(PARAMS_FILE), "--cwd", cwd,
-            "-k", str(self.config.get("kernel_name", "python3")),
-            "--log-output", "--no-progress-bar",
-            "--autosave-cell-every", str(AUTOSAVE_CELL_EVERY_S),
-        ]  # fmt: skip
-        if self.config.get("execution_timeout_s"):
-            argv += ["--execution-timeout", str(int(float(self.config["execution_timeout_s"])))]
-        return argv
+        """The job's command line: `notebook.run` of this package, i.e. papermill with the
+        options of versa_spec §8.5 (see `notebook`); secrets never appear in it."""
+        timeout = self.config.get("execution_timeout_s")
+        args = {
+            "input": self._path(INPUT_NOTEBOOK), "output": self._path(OUTPUT_NOTEBOOK),
+            "parameters": self._path(PARAMS_FILE), "cwd": cwd,
+            "kernel_name": str(self.config.get("kernel_name", "python3")),
+            "autosave_cell_every_s": AUTOSAVE_CELL_EVERY_S,
+            "execution_timeout_s": int(float(str(timeout))) if timeout else None,
+        }  # fmt: skip
+        path, package = package_location()
+        return [sys.executable, "-c", NOTEBOOK_BOOT, path, package, json.dumps(args)]
 
     def supervise(self, papermill: subprocess.Popen[bytes]) -> tuple[str, int]:
         """Wait for papermill, heartbeating; on a stop signal or deadline end its whole tree."""
@@ -274,6 +305,7 @@ class Launcher:
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
         cwd = str(self.config.get("cwd") or os.getcwd())
+        self.started_epoch = time.time()
         self.write_status(
             state="running", started_at=utc_now(), pid=os.getpid(), pgid=os.getpgid(0),
             pid_start_ticks=proc.start_ticks(os.getpid()), host=socket.gethostname(),

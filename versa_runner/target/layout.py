@@ -21,3 +21,6 @@ WRITTEN_FILE = "written.json"  # what the job wrote under its cwd (sync brings t
 LAUNCHER_ARCHIVE = "launcher.pyz"  # this package as a zip app: `python launcher.pyz <run_dir>`
 MANIFEST_CACHE = f"{RUNS_DIR}/manifest_cache.json"  # not hidden: jupyter_server refuses those
 CODE_STATE_FILE = "versa_sync.json"  # written last into a complete code extraction (not hidden)
+OUTPUT_DIRS = ("artifacts", "reports")  # where jobs write, under the job cwd (the root)
+# Shards of a model checkpoint: many GB each, brought back only with `sync --with-checkpoints`.
+CHECKPOINT_GLOBS = ("*.safetensors", "*.pt", "*.pth", "*.gguf")

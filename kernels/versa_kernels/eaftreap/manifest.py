@@ -1,8 +1,14 @@
-"""manifest.json, the side files and reap-recipe.yaml of a build (eaftreap_spec §5.4, §9.1).
+"""The files a build leaves: per-variant folders, the index manifest, the report (spec §5.4).
 
-The manifest is what later steps read (the playbook's step 2 takes ``out_dir`` from it); it
-records the layout written, the per-layer counts, the calibration rows (count and sha256) and
-the EAFT settings, so the build can be repeated and checked.
+Each variant's folder (``variant_index`` draws the layout) gets its manifest, its recipe, the
+build's ``reap-scores.yaml``, the scores table and its keep lists; nothing of one variant is
+written into another's folder. The index ``manifest.json`` then names every variant, and the
+primary build's files are copied to the top level for the old single-build readers.
+
+A variant manifest records the layout written, the per-layer counts, the calibration rows
+(count and sha256), the EAFT settings, and where the scores came from (``cut_from``: None when
+this build profiled; the scores file and its sha256, or the finished profile state, for a
+re-cut), so the build can be repeated and checked.
 """
 
 from __future__ import annotations
@@ -12,166 +18,146 @@ from typing import TYPE_CHECKING, Any
 
 from versa_kernels.eaftreap import outputs
 from versa_kernels.eaftreap.report import write_build_report
+from versa_kernels.eaftreap.variant_index import register_build
+from versa_kernels.fsio import atomic_write_text
 
 if TYPE_CHECKING:
     from versa_kernels.eaftreap.build import Variant
 
 __all__ = ["write_build_outputs"]
 
+EAFT_META_KEYS = (
+    "cc_quantile", "uncertain_quantile", "entropy_top_k", "w_good", "w_uncertain", "w_conflict",
+    "p_lo", "h_lo",
+)  # fmt: skip
+VARIANT_FILES = (
+    outputs.REAP_RECIPE_YAML,
+    outputs.REAP_SCORES_YAML,
+    outputs.SCORES_PARQUET,
+    outputs.PROFILE_META_JSON,
+    outputs.KEEP_COUNTS_JSON,
+    outputs.CORE_EXPERTS_JSON,
+    outputs.KEEP_EXPERTS_JSON,
+)
+
+
+def _variant_doc(v: Variant) -> dict[str, Any]:
+    return {
+        "out_dir": str(v.out_dir), "artifacts_dir": str(v.record_dir), "layout": v.plan.layout,
+        "keep_frac_requested": v.keep_frac,
+        "keep_frac_actual": sum(v.keep_counts) / (v.plan.num_layers * v.plan.num_experts),
+        "budget": v.plan.budget, "keep_counts_by_layer": v.keep_counts,
+        "stored_experts_per_layer": v.stored_experts,
+        "padded_with_masked_experts": v.stored_experts > min(v.keep_counts),
+        "min_keep_per_layer": v.plan.min_keep, "max_keep_per_layer": v.plan.max_keep,
+        "neff_by_layer": v.neff, "mass_share_kept_by_layer": v.mass_share_kept,
+        "baselines": v.baselines,
+    }  # fmt: skip
+
+
+def _build_fields(
+    v: Variant, meta: dict[str, Any], sample: dict[str, Any], params: dict[str, Any],
+    cut_from: dict[str, Any] | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The single-build manifest fields (schema 1 names, kept for its readers)."""
+    return {
+        "base_model": params["model_path"],
+        "run_id": params["run_id"],
+        "variant_name": v.name,
+        "out_dir": str(v.out_dir),
+        "layout": v.plan.layout,
+        "keep_frac": v.keep_frac,
+        "keep_counts_by_layer": v.keep_counts,
+        "core_pos_top_m": params["core_pos_top_m"],
+        "core_count_top_m": params["core_count_top_m"],
+        "keep_n_multiple_of": params["keep_n_multiple_of"],
+        "score_key": params["score_key"],
+        "top_k_unchanged": v.plan.top_k,
+        "calib": sample,
+        "eaft": {k: meta.get(k) for k in EAFT_META_KEYS},
+        "profile": meta,
+        "cut_from": cut_from,
+        "files": [n for n in VARIANT_FILES if (v.record_dir / n).is_file()],
+    }
+
 
 def write_build_outputs(
     art: Path,
     reports: Path,
     variants: list[Variant],
+    *,
     meta: dict[str, Any],
     sample: dict[str, Any],
     params: dict[str, Any],
+    scores_yaml: str,
+    table: list[dict[str, float | int]] | None,
+    cut_from: dict[str, Any] | None,
 ) -> tuple[Path, Path, list[Path]]:
-    """Write the side files, plots, reap-recipe.yaml, manifest.json and the markdown report.
+    """Write every variant's folder, plots, the index manifest and the report.
 
-    Returns ``(manifest path, report path, plot paths)``.
+    Returns ``(index manifest path, report path, plot paths)``.
     """
-    first = variants[0]
-    single = len(variants) == 1
-    keep_counts = first.keep_counts if single else {v.name: v.keep_counts for v in variants}
-    cores = first.cores if single else {v.name: v.cores for v in variants}
-    kept = first.kept if single else {v.name: v.kept for v in variants}
-    outputs.write_json(art / outputs.KEEP_COUNTS_JSON, keep_counts)
-    outputs.write_json(art / outputs.CORE_EXPERTS_JSON, cores)
-    outputs.write_json(art / outputs.KEEP_EXPERTS_JSON, kept)
-    plot_paths = []
+    import matplotlib.pyplot as plt
+
+    plot_paths: list[Path] = []
+    variant_manifests: dict[str, dict[str, Any]] = {}
     for v in variants:
+        d = v.record_dir
+        if table is not None:
+            outputs.write_scores_parquet(d / outputs.SCORES_PARQUET, table)
+        outputs.write_json(d / outputs.PROFILE_META_JSON, {"schema_version": 1, **meta})
+        atomic_write_text(d / outputs.REAP_SCORES_YAML, scores_yaml)
+        outputs.write_yaml(d / outputs.REAP_RECIPE_YAML, v.recipe)
+        outputs.write_json(d / outputs.KEEP_COUNTS_JSON, v.keep_counts)
+        outputs.write_json(d / outputs.CORE_EXPERTS_JSON, v.cores)
+        outputs.write_json(d / outputs.KEEP_EXPERTS_JSON, v.kept)
         png = reports / f"build_pruned_{v.name}_allocation.png"
         fig = outputs.plot_allocation(
             png, keep_counts=v.keep_counts, num_experts=v.plan.num_experts,
             mass_share_kept=v.mass_share_kept, neff=v.neff, title=v.name,
         )  # fmt: skip
-        import matplotlib.pyplot as plt
-
         plt.close(fig)
         plot_paths.append(png)
-    variant_docs = {
+        doc = {
+            "schema_version": 2,
+            "kind": "build_variant",
+            **_build_fields(v, meta, sample, params, cut_from),
+            "artifacts_dir": str(d),
+            "variant": _variant_doc(v),
+        }
+        outputs.write_json(d / outputs.MANIFEST_JSON, doc)
+        variant_manifests[v.name] = doc
+
+    first, single = variants[0], len(variants) == 1
+
+    def by_variant(attr: str) -> Any:  # old top-level shape: a list, or a dict per variant
+        return getattr(first, attr) if single else {v.name: getattr(v, attr) for v in variants}
+
+    primary_files: dict[str, Any] = {
+        name: first.record_dir / name
+        for name in (outputs.REAP_RECIPE_YAML, outputs.REAP_SCORES_YAML, outputs.PROFILE_META_JSON)
+    }
+    if table is not None:
+        primary_files[outputs.SCORES_PARQUET] = first.record_dir / outputs.SCORES_PARQUET
+    primary_files[outputs.KEEP_COUNTS_JSON] = by_variant("keep_counts")
+    primary_files[outputs.CORE_EXPERTS_JSON] = by_variant("cores")
+    primary_files[outputs.KEEP_EXPERTS_JSON] = by_variant("kept")
+    records = {
         v.name: {
-            "out_dir": str(v.out_dir), "layout": v.plan.layout, "keep_frac_requested": v.keep_frac,
-            "keep_frac_actual": sum(v.keep_counts) / (v.plan.num_layers * v.plan.num_experts),
-            "budget": v.plan.budget, "keep_counts_by_layer": v.keep_counts,
-            "stored_experts_per_layer": v.stored_experts,
-            "padded_with_masked_experts": v.stored_experts > min(v.keep_counts),
-            "min_keep_per_layer": v.plan.min_keep, "max_keep_per_layer": v.plan.max_keep,
-            "neff_by_layer": v.neff, "mass_share_kept_by_layer": v.mass_share_kept,
-            "baselines": v.baselines,
+            "out_dir": str(v.out_dir), "artifacts_dir": str(v.record_dir),
+            "manifest": str(v.record_dir / outputs.MANIFEST_JSON), "keep_frac": v.keep_frac,
+            "layout": v.plan.layout, "run_id": params["run_id"], "cut_from": cut_from,
+            "base_model": params["model_path"],
         }
         for v in variants
     }  # fmt: skip
-    manifest = {
-        "schema_version": 1,
-        "base_model": params["model_path"],
-        "run_id": params["run_id"],
-        "variant_name": first.name,
-        "out_dir": str(first.out_dir),
-        "layout": first.plan.layout,
-        "keep_frac": first.keep_frac,
-        "keep_counts_by_layer": first.keep_counts,
-        "core_pos_top_m": params["core_pos_top_m"],
-        "core_count_top_m": params["core_count_top_m"],
-        "keep_n_multiple_of": params["keep_n_multiple_of"],
-        "score_key": params["score_key"],
-        "top_k_unchanged": first.plan.top_k,
-        "variants": variant_docs,
-        "calib": sample,
-        "eaft": {
-            k: meta[k]
-            for k in (
-                "cc_quantile",
-                "uncertain_quantile",
-                "entropy_top_k",
-                "w_good",
-                "w_uncertain",
-                "w_conflict",
-                "p_lo",
-                "h_lo",
-            )
-        },  # fmt: skip
-        "profile": meta,
-        "files": [
-            outputs.SCORES_PARQUET,
-            outputs.REAP_SCORES_YAML,
-            outputs.REAP_RECIPE_YAML,
-            outputs.KEEP_COUNTS_JSON,
-            outputs.CORE_EXPERTS_JSON,
-            outputs.KEEP_EXPERTS_JSON,
-        ],  # fmt: skip
+    build_fields = {
+        **_build_fields(first, meta, sample, params, cut_from),
+        "build_variants": [v.name for v in variants],
     }
-    outputs.write_reap_recipe(
-        art / outputs.REAP_RECIPE_YAML, _recipe(first, variants, meta, sample, params)
-    )
-    manifest_path = art / outputs.MANIFEST_JSON
-    outputs.write_json(manifest_path, manifest)
-    report_path = write_build_report(reports, manifest, plot_paths)
-    return manifest_path, report_path, plot_paths
-
-
-def _recipe(
-    first: Variant, variants: list[Variant], meta: dict[str, Any], sample: dict[str, Any],
-    params: dict[str, Any],
-) -> dict[str, Any]:  # fmt: skip
-    return {
-        "name": first.name,
-        "description": "EAFT-REAP expert prune, top_k unchanged, no finetune (versa-runner build).",
-        "model": {
-            "base_model_id": params["model_path"],
-            "pruned_model_label": first.name,
-            "keep_frac_requested": first.keep_frac,
-            "keep_counts_by_layer": first.keep_counts,
-            "num_experts": first.plan.num_experts,
-            "uniform_keep_n_across_layers": len(set(first.keep_counts)) == 1,
-            "layout": first.plan.layout,
-            "top_k_unchanged": True,
-        },
-        "scoring": {
-            "method": "eaftreap",
-            "top_k": first.plan.top_k,
-            "entropy_top_k": 20,
-            "cc_quantile": meta["cc_quantile"],
-            "uncertain_quantile": meta["uncertain_quantile"],
-            "weights": {
-                "w_good": meta["w_good"],
-                "w_uncertain": meta["w_uncertain"],
-                "w_conflict": meta["w_conflict"],
-            },
-            "score_key": params["score_key"],
-            "label_position": "predicting position t",
-        },  # fmt: skip
-        "profiling_data": {
-            "dataset_repo": params["calib_packs_repo"],
-            "pack_files": sample["pack_files"],
-            "sampling": {
-                "strategy": sample["strategy"],
-                "num_rows": sample["num_rows"],
-                "seed": sample["seed"],
-                "weights": sample["weights"],
-                "rows_sha256": sample["rows_sha256"],
-            },
-            "max_seq_length": params["max_seq_length"],
-            "batch_size": params["batch_size"],
-            "token_sampling": {
-                "max_tokens_per_row": params["max_tokens_per_row"],
-                "strategy": "strided",
-            },
-        },  # fmt: skip
-        "selection_constraints": {
-            "keep_n_multiple_of": params["keep_n_multiple_of"],
-            "min_keep_per_layer": first.plan.min_keep,
-            "max_keep_per_layer": first.plan.max_keep,
-            "core_experts": {
-                "core_pos_top_m": params["core_pos_top_m"],
-                "core_count_top_m": params["core_count_top_m"],
-            },
-        },  # fmt: skip
-        "structural_rewrite": {
-            "writer": "safetensors",
-            "byte_exact_slices": True,
-            "mapping_file_in_model_dir": "expert_mapping.json",
-        },  # fmt: skip
-        "variants": {v.name: str(v.out_dir) for v in variants},
-    }
+    register_build(
+        art, records=records, primary=cut_from is None, build_manifest=build_fields,
+        primary_files=primary_files,
+    )  # fmt: skip
+    report_path = write_build_report(reports, list(variant_manifests.values()), plot_paths)
+    return art / outputs.MANIFEST_JSON, report_path, plot_paths

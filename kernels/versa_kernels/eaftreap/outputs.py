@@ -1,13 +1,12 @@
 """The files a pruning build leaves for people and for machines (eaftreap_spec §5.4, §9).
 
-Under the artifacts directory (``artifacts/20b_pruned_models_eaftreap_budgeted/`` for the
-budgeted task):
+In each variant's artifacts folder (``variant_index`` draws the whole layout):
 
 - ``scores.parquet``: one row per (layer, expert) with every accumulator and REAP's per-hit means.
-- ``reap-scores.yaml`` (kind ``reap_scores``): ranking per layer and per-expert scores, enough to
-  re-cut any keep count without re-profiling.
-- ``reap-recipe.yaml`` (kind ``reap_recipe``): how the model was made (scoring, data, allocation,
-  layout) so the build can be repeated.
+- ``reap-scores.yaml`` (kind ``reap_scores``, ``reap_scores.py``): ranking and every sum per
+  expert, enough to re-cut any keep count without re-profiling.
+- ``reap-recipe.yaml`` (kind ``reap_recipe``, ``recipe.py``): how the model was made, so the
+  build can be repeated. Both YAMLs also ship inside the pruned checkpoint.
 - ``keep_counts_by_layer.json``, ``core_experts_by_layer.json``, ``keep_experts_by_layer.json``.
 - ``manifest.json`` with ``out_dir`` (the pruned checkpoint) and the layout written.
 
@@ -26,7 +25,6 @@ import numpy as np
 
 from versa_kernels.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-SCHEMA_VERSION = 1
 SCORES_PARQUET = "scores.parquet"
 REAP_SCORES_YAML = "reap-scores.yaml"
 REAP_RECIPE_YAML = "reap-recipe.yaml"
@@ -39,15 +37,17 @@ PROFILE_META_JSON = "profile_meta.json"
 __all__ = [
     "CORE_EXPERTS_JSON",
     "KEEP_COUNTS_JSON",
+    "KEEP_EXPERTS_JSON",
     "MANIFEST_JSON",
+    "PROFILE_META_JSON",
     "REAP_RECIPE_YAML",
     "REAP_SCORES_YAML",
     "SCORES_PARQUET",
     "plot_allocation",
     "write_json",
-    "write_reap_recipe",
-    "write_reap_scores",
     "write_scores_parquet",
+    "write_yaml",
+    "yaml_text",
 ]
 
 
@@ -72,75 +72,14 @@ def write_scores_parquet(path: Path, rows: list[dict[str, float | int]]) -> None
     atomic_write_bytes(path, buf.getvalue())
 
 
-def ranking_by_layer(scores: np.ndarray, experts_per_layer: Sequence[int]) -> list[list[int]]:
-    """Expert ids per layer, best first (ties to the lower id)."""
-    return [
-        [int(e) for e in np.argsort(-scores[layer, :n], kind="stable")]
-        for layer, n in enumerate(experts_per_layer)
-    ]
+def yaml_text(obj: Any) -> str:
+    """The YAML text every build file uses (key order kept; floats round-trip exactly)."""
+    return _yaml(obj)
 
 
-def write_reap_scores(
-    path: Path,
-    *,
-    score_key: str,
-    scores: np.ndarray,
-    table: list[dict[str, float | int]],
-    experts_per_layer: Sequence[int],
-    profile_meta: dict[str, Any],
-    sample: dict[str, Any],
-    inputs: dict[str, str],
-) -> None:
-    """``reap-scores.yaml`` (spec §9.2): rankings and per-expert scores of every layer."""
-    ranking = ranking_by_layer(scores, experts_per_layer)
-    by_key = {(int(r["layer"]), int(r["expert"])): r for r in table}
-    layer_scores = []
-    for layer, order in enumerate(ranking):
-        experts = []
-        for e in order:
-            r = by_key[(layer, e)]
-            experts.append(
-                {
-                    "expert": e,
-                    "score": float(scores[layer, e]),
-                    "count": int(r["count"]),
-                    "gate_mean": float(r["gate_mean"]),
-                    "norm_mean": float(r["norm_mean"]),
-                    "saliency_mean": float(r["saliency_mean"]),
-                    "eaft_saliency_mean": float(r["eaft_saliency_mean"]),
-                    "pos_count": int(r["pos_count"]),
-                    "neg_count": int(r["neg_count"]),
-                }
-            )
-        layer_scores.append({"layer": layer, "experts": experts})
-    doc = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "reap_scores",
-        "method": "eaftreap",
-        "score_key": score_key,
-        "score_definition": (
-            "per (layer, expert): sum over scored completion positions t routed to the expert of "
-            "w_t * g * ||y_e(x_t)||_2, w_t the EAFT class weight of the prediction made at t"
-            if score_key == "eaft_gate_norm_sum"
-            else f"accumulator {score_key} per (layer, expert); see scores.parquet"
-        ),
-        "inputs": inputs,
-        "profile_meta": profile_meta,
-        "sample": sample,
-        "summary": {
-            "num_layers": len(experts_per_layer),
-            "num_experts": int(max(experts_per_layer)),
-        },
-        "ranking_by_layer": ranking,
-        "layer_scores": layer_scores,
-    }
-    atomic_write_text(path, _yaml(doc))
-
-
-def write_reap_recipe(path: Path, recipe: dict[str, Any]) -> None:
-    """``reap-recipe.yaml`` (spec §9.1) from a prepared mapping."""
-    doc = {"schema_version": SCHEMA_VERSION, "kind": "reap_recipe", **recipe}
-    atomic_write_text(path, _yaml(doc))
+def write_yaml(path: Path, obj: Any) -> None:
+    """Atomic YAML."""
+    atomic_write_text(path, _yaml(obj))
 
 
 def plot_allocation(

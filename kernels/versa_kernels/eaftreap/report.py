@@ -33,8 +33,31 @@ def _baseline_lines(b: dict[str, Any]) -> list[str]:
     ]
 
 
-def write_build_report(reports_dir: Path, manifest: dict[str, Any], plots: list[Path]) -> Path:
-    """Write ``reports/build_pruned_<variant>.md`` from the manifest; returns its path."""
+def _source_lines(manifest: dict[str, Any]) -> list[str]:
+    """Where the scores came from: this build's profile, a scores file, or a finished state."""
+    prof, cut = manifest["profile"], manifest.get("cut_from")
+    if cut and cut.get("kind") == "reap_scores":
+        return [
+            f"- **cut from scores** `{cut['path']}` (sha256 `{cut['sha256']}`): no model forward "
+            f"in this build; the scores were profiled on {prof.get('device', '?')} "
+            f"({prof.get('scored_tokens', '?')} scored tokens)"
+        ]
+    if cut and cut.get("kind") == "profile_state":
+        return [
+            f"- **cut from the finished profile state** `{cut['path']}`: no model forward in this "
+            "build (the profile was computed by an earlier run with the same inputs and weights)"
+        ]
+    return [
+        f"- profiling throughput: {prof['tokens_per_s']:.1f} tok/s on {prof['device']} "
+        f"({prof['profile_s']:.1f} s incl. load)"
+    ]
+
+
+def write_build_report(
+    reports_dir: Path, variant_manifests: list[dict[str, Any]], plots: list[Path]
+) -> Path:
+    """Write ``reports/build_pruned_<first variant>.md`` from the variant manifests."""
+    manifest = variant_manifests[0]
     prof = manifest["profile"]
     calib = manifest["calib"]
     lines = [
@@ -44,12 +67,12 @@ def write_build_report(reports_dir: Path, manifest: dict[str, Any], plots: list[
         f"- pruned checkpoint: `{manifest['out_dir']}` (layout **{manifest['layout']}**)",
         f"- keep_frac requested: {manifest['keep_frac']}; score key `{manifest['score_key']}`; "
         f"top_k unchanged ({manifest['top_k_unchanged']})",
-        f"- calibration: {calib['rows_used']} rows ({calib['strategy']}, seed {calib['seed']}) "
-        f"from {len(calib['pack_files'])} pack(s); rows_sha256 `{calib['rows_sha256'][:16]}`",
-        f"- scored completion tokens: {prof['scored_tokens']}; p_lo {_fmt(prof['p_lo'])}, "
-        f"h_lo {_fmt(prof['h_lo'])}; classes {prof['region_counts']}",
-        f"- profiling throughput: {prof['tokens_per_s']:.1f} tok/s on {prof['device']} "
-        f"({prof['profile_s']:.1f} s incl. load)",
+        f"- calibration: {calib.get('rows_used')} rows ({calib.get('strategy')}, seed "
+        f"{calib.get('seed')}) from {len(calib.get('pack_files', []))} pack(s); rows_sha256 "
+        f"`{str(calib.get('rows_sha256'))[:16]}`",
+        f"- scored completion tokens: {prof.get('scored_tokens')}; p_lo {_fmt(prof.get('p_lo'))}, "
+        f"h_lo {_fmt(prof.get('h_lo'))}; classes {prof.get('region_counts')}",
+        *_source_lines(manifest),
     ]
     if "rank_stability" in prof:
         taus = ", ".join(f"{t:.2f}" for t in prof["rank_stability"]["tau_by_layer"])
@@ -57,20 +80,23 @@ def write_build_report(reports_dir: Path, manifest: dict[str, Any], plots: list[
             f"- ranking stability (split-half Kendall tau, 1 = identical): mean "
             f"{prof['rank_stability']['tau_mean']:.3f}; per layer {taus}"
         )
-    for name, v in manifest["variants"].items():
+    for m in variant_manifests:
+        v = m["variant"]
         lines += [
             "",
-            f"## {name}",
+            f"## {m['variant_name']}",
             "",
             f"- out_dir `{v['out_dir']}`; stored experts per layer {v['stored_experts_per_layer']}"
             + (" (padded with masked experts)" if v["padded_with_masked_experts"] else ""),
+            f"- artifacts `{v['artifacts_dir']}` (reap-recipe.yaml and reap-scores.yaml are also "
+            "inside the checkpoint)",
             f"- budget {v['budget']} = keep_frac_actual {v['keep_frac_actual']:.4f}; bounds "
             f"[{v['min_keep_per_layer']}, {v['max_keep_per_layer']}]",
             "",
             "| layer | kept | neff | score mass kept |",
             "|---|---|---|---|",
         ]
-        for i, (k, n, m) in enumerate(
+        for i, (k, n, share) in enumerate(
             zip(
                 v["keep_counts_by_layer"],
                 v["neff_by_layer"],
@@ -78,7 +104,7 @@ def write_build_report(reports_dir: Path, manifest: dict[str, Any], plots: list[
                 strict=True,
             )
         ):
-            lines.append(f"| {i} | {k} | {n:.2f} | {m:.3f} |")
+            lines.append(f"| {i} | {k} | {n:.2f} | {share:.3f} |")
         if v.get("baselines"):
             lines += _baseline_lines(v["baselines"])
     lines += ["", *[f"![allocation]({p.name})" for p in plots], ""]

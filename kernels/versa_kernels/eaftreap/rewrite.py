@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,8 +135,17 @@ def rewrite_checkpoint(
     pad_multiple_of: int = 1,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> RewriteResult:
-    """Write ``base_dir`` with only the ``kept[layer]`` experts (ascending ids) to ``out_dir``."""
+    """Write ``base_dir`` with only the ``kept[layer]`` experts (ascending ids) to ``out_dir``.
+
+    ``extra_files`` (name -> bytes, plain names) are written into the checkpoint before it is
+    moved into place, so the checkpoint never exists without them (the build ships its
+    ``reap-recipe.yaml`` and ``reap-scores.yaml`` this way).
+    """
+    for name in extra_files or {}:
+        if Path(name).name != name or name in (CONFIG_FILE, INDEX_FILE, EXPERT_MAPPING_FILE):
+            raise ValueError(f"extra_files: {name!r} must be a plain name not used by the rewrite")
     check_output_dir(base_dir, out_dir, overwrite=overwrite)
     base = Path(base_dir)
     ckpt = Checkpoint(base)
@@ -178,5 +187,7 @@ def rewrite_checkpoint(
         }
         writer.write_json(EXPERT_MAPPING_FILE, mapping)
         copied = _copy_side_files(base, writer.tmp_dir)
+        for name, data in (extra_files or {}).items():
+            (writer.tmp_dir / name).write_bytes(data)  # inside the temp dir: atomic with it
     log.info("pruned checkpoint written to %s (%s, copied %s)", out, layout, copied)
     return RewriteResult(out, layout, counts, stored, mapping)
