@@ -14,14 +14,16 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 import requests
 from faultproxy import free_port
-from runner_support import TEST_NOTEBOOKS, runner_env, wait_for
+from runner_support import TEST_NOTEBOOKS, cli, runner_env, wait_for
 from test_jupyter_e2e import connect_args, journal_run_id, kill_remote_run, remote_run_dir
 
 if TYPE_CHECKING:
@@ -254,3 +256,69 @@ def test_no_detach_gives_up_with_exit_3_only_after_the_patience_then_wait_report
     assert "error:" in text and "Traceback" not in text, text
     assert waited.returncode == 0, waited.stdout + waited.stderr
     assert "succeeded" in waited.stdout, waited.stdout
+
+
+class _FilesBroken(BaseHTTPRequestHandler):
+    """A reverse proxy that answers 502 to every `/files/` request and forwards the rest."""
+
+    upstream = ""
+    files_refused = 0
+    HOP = {"host", "content-length", "connection", "transfer-encoding", "content-encoding",
+           "keep-alive"}  # fmt: skip
+
+    def _forward(self) -> None:
+        if "/files/" in self.path:
+            type(self).files_refused += 1
+            self.send_response(502)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in self.HOP}
+        resp = requests.request(self.command, self.upstream + self.path, headers=headers,
+                                data=body, allow_redirects=False, timeout=30)  # fmt: skip
+        self.send_response(resp.status_code)
+        for name, value in resp.headers.items():
+            if name.lower() not in self.HOP:
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(resp.content)))
+        self.end_headers()
+        self.wfile.write(resp.content)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_follower_reads_status_files_over_the_contents_api_when_files_fails(
+    token_server: JupyterServer, tmp_path: Path
+) -> None:
+    server = token_server
+    out = tmp_path / "out"
+    out.mkdir()
+    env = runner_env(tmp_path)
+    args = ["submit", "--notebook", str(TEST_NOTEBOOKS / "sleep.ipynb"), "-p", "seconds", "4",
+            *connect_args(server, tmp_path)]  # fmt: skip
+    submitted = cli(args, out, env, timeout_s=180)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    run_id = journal_run_id(out)
+    _FilesBroken.upstream, _FilesBroken.files_refused = server.url, 0
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _FilesBroken)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "url").write_text(f"http://127.0.0.1:{proxy.server_address[1]}\n")
+    (broken / "token").write_text(f"{server.token}\n")
+    via_proxy = ["--url-file", str(broken / "url"), "--token-file", str(broken / "token")]
+    try:
+        followed = cli(["logs", run_id, "--follow", *via_proxy], out, env, timeout_s=180)
+        status = cli(["status", run_id, "--json", *via_proxy], out, env)
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        kill_remote_run(server, run_id)
+    assert followed.returncode == 0, followed.stdout + followed.stderr
+    assert "SLEEP_DONE" in followed.stdout, followed.stdout
+    assert status.returncode == 0 and '"state": "succeeded"' in status.stdout, status.stdout
+    assert _FilesBroken.files_refused > 0  # /files/ was tried, failed, and the follower went on

@@ -30,6 +30,7 @@ from versa_runner.backends.jupyter.http import (
     RetryPolicy,
     contents_path,
 )
+from versa_runner.backends.jupyter.reads import RunFileReader
 from versa_runner.backends.jupyter.url import (
     JupyterTarget,
     parse_server_url,
@@ -70,6 +71,7 @@ class JupyterBackend:
         self.target = target
         self.chunk_bytes = chunk_bytes
         self.http = JupyterHttp(target, retry=retry)
+        self._reader = RunFileReader(self.http)
         self._root = root
         self._kernel_id = target.kernel_id
         self._owns_kernel = False
@@ -119,9 +121,10 @@ class JupyterBackend:
             self._upload(fh, size, path, digest.hexdigest(), mode=None, progress=progress)
 
     def read_bytes(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes | None:
-        """Bytes of `path` from `offset` via `/files/` with Range; None when absent."""
+        """Bytes of `path` from `offset` via `/files/` with Range (the contents API when
+        `/files/` keeps failing, `jupyter.reads`); None when absent."""
         self._check_open()
-        return self.http.read_range(path, offset, length)
+        return self._reader.read(path, offset, length)
 
     def download(
         self, path: str, dest: Path, *, offset: int = 0, progress: ProgressFn | None = None
