@@ -322,3 +322,43 @@ def test_follower_reads_status_files_over_the_contents_api_when_files_fails(
     assert "SLEEP_DONE" in followed.stdout, followed.stdout
     assert status.returncode == 0 and '"state": "succeeded"' in status.stdout, status.stdout
     assert _FilesBroken.files_refused > 0  # /files/ was tried, failed, and the follower went on
+
+
+def test_ssh_calls_on_a_hung_host_end_within_their_deadline(
+    sshd: SshServer, tmp_path: Path
+) -> None:
+    """Each primitive on a connection whose peer stopped answering (its sshd processes
+    SIGSTOPped): an SFTP read or stat gives up after the I/O timeout and is retried on a fresh
+    connection; an exec snippet ends as UnreachableError. paramiko alone waits forever."""
+    from test_ssh_backend import backend_for
+
+    from versa_runner.errors import UnreachableError
+
+    backend = backend_for(sshd, tmp_path / "home", tmp_path / "root")
+    backend.io_timeout_s = 2.0
+    calls = {
+        "read": (lambda: backend.read_bytes("probe.txt"), b"hello"),
+        "stat": (lambda: backend.stat("probe.txt").size_bytes, 5),  # type: ignore[union-attr]
+        "snippet": (lambda: backend.run_python("print(1)", timeout_s=3), UnreachableError),
+    }
+    try:
+        backend.put_bytes("probe.txt", b"hello")
+        for name, (call, expected) in calls.items():
+            assert backend.run_python("print(6 * 7)", timeout_s=30).strip() == "42"
+            assert backend.stat("probe.txt") is not None  # SFTP and exec both open now
+            hung = _sshd_session_pids(sshd)
+            for pid in hung:
+                os.kill(pid, signal.SIGSTOP)
+            started = time.monotonic()
+            try:
+                result: object = call()
+            except UnreachableError as exc:
+                result = type(exc)
+            finally:
+                for pid in hung:
+                    os.kill(pid, signal.SIGKILL)
+            took = time.monotonic() - started
+            assert result == expected, name
+            assert 1.5 <= took < 15, f"{name}: {took:.1f} s (the hang must cost the timeout, once)"
+    finally:
+        backend.close()

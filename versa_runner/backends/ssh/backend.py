@@ -34,7 +34,6 @@ import paramiko
 from versa_runner.backends.base import ProgressFn, RemoteStat, call_target
 from versa_runner.backends.ssh.target import (
     AUTH_HINT,
-    CONNECT_TIMEOUT_S,
     UNKNOWN_HOST_HINT,
     SshTarget,
     UnknownHostKey,
@@ -180,8 +179,8 @@ class SshBackend:
         command = f"{enter_root} && exec {shlex.quote(self.python)} -"
         with self._boundary("run a snippet"):
             transport = self._connection().get_transport()
-            with watchdog(self._client, timeout_s + CONNECT_TIMEOUT_S, self.describe()):
-                channel = transport.open_session(timeout=CONNECT_TIMEOUT_S)  # type: ignore[union-attr]
+            with watchdog(self._client, timeout_s + self.io_timeout_s, self.describe()):
+                channel = transport.open_session(timeout=self.io_timeout_s)  # type: ignore[union-attr]
                 channel.settimeout(self.io_timeout_s)
                 try:
                     channel.exec_command(command)
@@ -249,7 +248,7 @@ class SshBackend:
     def _sftp(self) -> paramiko.SFTPClient:
         client = self._connection()
         if self._sftp_client is None:
-            with watchdog(client, CONNECT_TIMEOUT_S, self.describe()):
+            with watchdog(client, self.io_timeout_s, self.describe()):
                 self._sftp_client = client.open_sftp()
             # Every SFTP request reads its answer from this channel: bound each wait.
             self._sftp_client.get_channel().settimeout(self.io_timeout_s)  # type: ignore[union-attr]
