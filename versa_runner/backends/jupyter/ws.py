@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import NoReturn
 
 import websocket
 
@@ -181,7 +182,7 @@ class KernelChannel:
                 continue  # v1 binary frames carry buffers we never request
             return json.loads(frame)
 
-    def _timeout(self, timeout_s: float) -> None:
+    def _timeout(self, timeout_s: float) -> NoReturn:
         if self._on_timeout is not None:
             self._on_timeout()
         raise TargetError(
