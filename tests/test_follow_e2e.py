@@ -233,8 +233,8 @@ def test_no_detach_gives_up_with_exit_3_only_after_the_patience_then_wait_report
     try:
         wait_for(lambda: b"SLEEP_STARTED" in log.read_bytes(), 120, "the job to start")
         run_id = journal_run_id(out)
+        stopped = time.monotonic()  # no failure can be seen before this instant
         server.stop()  # and it stays down past the follower's patience
-        stopped = time.monotonic()
         returncode = _finish(runner, within_s=PROMPT_S)
         gave_up_after = time.monotonic() - stopped
         exit_file = remote_run_dir(server, run_id) / "exit_code"
