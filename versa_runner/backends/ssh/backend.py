@@ -9,10 +9,8 @@ has no SFTP `check-file` extension, orchestration_anchors §5.2), then renamed w
 stdin, so no snippet ever shows in a remote `ps`. The job outlives this connection because the
 launch snippet starts the launcher in its own process session (lifecycle), not because of
 anything here. A connection that drops is re-opened by the next call (read-only calls retry
-once), so a follower polling status rides over it.
-
-No call waits without a deadline (`backends.ssh.waits` says how): a host that stops answering
-is an UnreachableError, which a follower retries.
+once), so a follower polling status rides over it. No call waits without a deadline
+(`backends.ssh.waits`): a host that stops answering is an UnreachableError.
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ from typing import TYPE_CHECKING, BinaryIO, TypeVar
 import paramiko
 
 from versa_runner.backends.base import ProgressFn, RemoteStat, call_target
+from versa_runner.backends.ssh import waits
 from versa_runner.backends.ssh.target import (
     AUTH_HINT,
     UNKNOWN_HOST_HINT,
@@ -39,12 +38,6 @@ from versa_runner.backends.ssh.target import (
     UnknownHostKey,
     open_client,
     parse_ssh_spec,
-)
-from versa_runner.backends.ssh.waits import (
-    IO_TIMEOUT_S,
-    collect_output,
-    io_timeout_from_env,
-    watchdog,
 )
 from versa_runner.errors import (
     AuthError,
@@ -83,7 +76,7 @@ class SshBackend:
         root: str | None = None,
         remote_root: str = DEFAULT_REMOTE_ROOT,
         python: str = DEFAULT_PYTHON,
-        io_timeout_s: float = IO_TIMEOUT_S,
+        io_timeout_s: float = waits.IO_TIMEOUT_S,
     ) -> None:
         self.target = target
         self.python = python
@@ -179,14 +172,14 @@ class SshBackend:
         command = f"{enter_root} && exec {shlex.quote(self.python)} -"
         with self._boundary("run a snippet"):
             transport = self._connection().get_transport()
-            with watchdog(self._client, timeout_s + self.io_timeout_s, self.describe()):
+            with waits.watchdog(self._client, timeout_s + self.io_timeout_s, self.describe()):
                 channel = transport.open_session(timeout=self.io_timeout_s)  # type: ignore[union-attr]
                 channel.settimeout(self.io_timeout_s)
                 try:
                     channel.exec_command(command)
                     channel.sendall(code.encode())
                     channel.shutdown_write()
-                    stdout, stderr = collect_output(channel, timeout_s)
+                    stdout, stderr = waits.collect_output(channel, timeout_s)
                     exit_status = channel.recv_exit_status()
                 finally:
                     channel.close()
@@ -248,7 +241,7 @@ class SshBackend:
     def _sftp(self) -> paramiko.SFTPClient:
         client = self._connection()
         if self._sftp_client is None:
-            with watchdog(client, self.io_timeout_s, self.describe()):
+            with waits.watchdog(client, self.io_timeout_s, self.describe()):
                 self._sftp_client = client.open_sftp()
             # Every SFTP request reads its answer from this channel: bound each wait.
             self._sftp_client.get_channel().settimeout(self.io_timeout_s)  # type: ignore[union-attr]
@@ -374,7 +367,7 @@ def from_options(options: TargetOptions, *, root: str | None = None) -> SshBacke
         options.on_secret(passphrase)
     target = SshTarget(host=host, user=user, port=port, key_file=key, passphrase=passphrase,
                        accept_new=options.ssh_accept_new)  # fmt: skip
-    io_timeout_s = io_timeout_from_env(options.environ)
+    io_timeout_s = waits.io_timeout_from_env(options.environ)
     return SshBackend(target, root=root, python=options.ssh_python or DEFAULT_PYTHON,
                       remote_root=options.remote_root or DEFAULT_REMOTE_ROOT,
                       io_timeout_s=io_timeout_s)  # fmt: skip
