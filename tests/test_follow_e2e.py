@@ -362,3 +362,37 @@ def test_ssh_calls_on_a_hung_host_end_within_their_deadline(
             assert 1.5 <= took < 15, f"{name}: {took:.1f} s (the hang must cost the timeout, once)"
     finally:
         backend.close()
+
+
+def test_run_file_reader_stays_on_the_contents_api_for_a_while(
+    token_server: JupyterServer, tmp_path: Path
+) -> None:
+    """After /files/ failed, reads go straight to the contents API (no retries per poll) until
+    FILES_FALLBACK_S has passed; then /files/ is tried again. Absent files stay None."""
+    from versa_runner.backends.jupyter.http import JupyterHttp, RetryPolicy
+    from versa_runner.backends.jupyter.reads import FILES_FALLBACK_S, RunFileReader
+    from versa_runner.backends.jupyter.url import JupyterTarget
+
+    (token_server.root_dir / "reader_probe.txt").write_bytes(b"0123456789")
+    _FilesBroken.upstream, _FilesBroken.files_refused = token_server.url, 0
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _FilesBroken)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    now = [1000.0]
+    target = JupyterTarget(f"http://127.0.0.1:{proxy.server_address[1]}", token=token_server.token)
+    http = JupyterHttp(target, retry=RetryPolicy(attempts=2, base_delay_s=0.01))
+    reader = RunFileReader(http, clock=lambda: now[0])
+    try:
+        assert reader.read("reader_probe.txt", 2, 3) == b"234"
+        tried = _FilesBroken.files_refused
+        assert tried == 2  # both attempts of the one /files/ read, then the contents API
+        assert reader.read("reader_probe.txt", 8, None) == b"89"
+        assert reader.read("no_such_file.txt", 0, None) is None
+        assert _FilesBroken.files_refused == tried  # not tried again inside the window
+        now[0] += FILES_FALLBACK_S
+        assert reader.read("reader_probe.txt", 0, 4) == b"0123"
+        assert _FilesBroken.files_refused == tried + 2  # the window passed: /files/ first again
+    finally:
+        http.close()
+        proxy.shutdown()
+        proxy.server_close()
+        (token_server.root_dir / "reader_probe.txt").unlink()
