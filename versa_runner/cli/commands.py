@@ -109,9 +109,13 @@ def _sync_after_run(
     try:
         ctx.out.synced(sync.sync_run(backend, record, ctx.output_dir, selection=selection))
     except VersaRunError as error:
-        ctx.out.info(f"warning: the run ended but its outputs were not synced: {error}")
         options = f" {ctx.out.command_options}" if ctx.out.command_options else ""
-        ctx.out.info(f"hint: `versa-run sync {record.run_id}{options}` retries the sync.")
+        retry = f"versa-run sync {record.run_id}{options}"
+        if ctx.out.json_mode:
+            ctx.out.emit_json({"warning": f"outputs not synced: {error}", "retry": retry})
+            return
+        ctx.out.info(f"warning: the run ended but its outputs were not synced: {error}")
+        ctx.out.info(f"hint: `{retry}` retries the sync.")
 
 
 def _follow(ctx: Context, backend: Backend, record: RunRecord, *, offset: int) -> RunStatus | None:
