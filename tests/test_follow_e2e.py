@@ -396,3 +396,36 @@ def test_run_file_reader_stays_on_the_contents_api_for_a_while(
         proxy.shutdown()
         proxy.server_close()
         (token_server.root_dir / "reader_probe.txt").unlink()
+
+
+def test_pinned_kernel_deleted_mid_run_keeps_the_exit_code_and_names_the_retry(
+    token_server: JupyterServer, tmp_path: Path
+) -> None:
+    """A --kernel-id kernel is never replaced silently: once it is gone the sync after the run
+    cannot run, which is a warning naming the retry command; the exit status is the job's."""
+    server = token_server
+    headers = {"Authorization": f"token {server.token}"}
+    kernel = requests.post(f"{server.url}/api/kernels", json={"name": "python3", "path": ""},
+                           headers=headers, timeout=60).json()["id"]  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["submit", "--no-detach", "--notebook", str(TEST_NOTEBOOKS / "sleep.ipynb"),
+            "-p", "seconds", "4", "--kernel-id", kernel, *connect_args(server, tmp_path)]  # fmt: skip
+    log = tmp_path / "follower.out"
+    runner = _start_follower(args, out, runner_env(tmp_path), log)
+    run_id = ""
+    try:
+        wait_for(lambda: b"SLEEP_STARTED" in log.read_bytes(), 120, "the job to start")
+        run_id = journal_run_id(out)
+        requests.delete(f"{server.url}/api/kernels/{kernel}", headers=headers,
+                        timeout=30).raise_for_status()  # fmt: skip
+        returncode = _finish(runner, within_s=120)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        if run_id:
+            kill_remote_run(server, run_id)
+    text = log.read_text()
+    assert returncode == 0, text
+    assert "outputs were not synced" in text and f"versa-run sync {run_id}" in text, text
+    assert "(--kernel-id) is gone" in text, text
