@@ -20,6 +20,13 @@ pytestmark = pytest.mark.slow
 
 TASK = "validate_expert_math_toy"
 RUNS = 5
+TINY = (
+    Path(__file__).resolve().parent.parent
+    / "kernels"
+    / "versa_kernels"
+    / "data"
+    / "tiny_moe_trained"
+)
 
 
 def _shown_reports(notebook: Path) -> list[str]:
@@ -64,3 +71,24 @@ def test_concurrent_local_runs_each_show_their_own_report(tmp_path: Path) -> Non
     # The task's shared report is whole: the report of one of the runs, never a mix.
     shared = (tmp_path / "reports" / "validate_gpt_oss_expert_math_toy.md").read_text()
     assert _trials_in(shared) in trials and shared.endswith("\n")
+
+
+def test_concurrent_decode_benches_of_one_name_each_show_their_own_table(tmp_path: Path) -> None:
+    """Same --name (so the same report path), different --max-new-tokens: each executed notebook
+    renders the table of its own run."""
+    env = runner_env(tmp_path)
+    tokens = [2, 3, 4]
+    for n in tokens:
+        submitted = cli(["submit", "--task", "decode_bench", "--name", "shared",
+                         "--model-path", str(TINY), "--prompt-len", "8", "--max-new-tokens",
+                         str(n), "--batch-sizes", "1", "--engine", "native", "--repeats", "1",
+                         "--warmup", "0"], tmp_path, env)  # fmt: skip
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    run_ids = sorted(p.stem for p in (tmp_path / ".versa_runner" / "runs").glob("*.json"))
+    for run_id in run_ids:
+        waited = cli(["wait", run_id, "--timeout", "600"], tmp_path, env, timeout_s=660)
+        assert waited.returncode == 0, waited.stdout + waited.stderr
+    for run_id in run_ids:
+        asked = yaml.safe_load((run_dir(tmp_path, run_id) / "params.yaml").read_text())
+        (report,) = _shown_reports(run_dir(tmp_path, run_id) / "output.ipynb")
+        assert f"{asked['max_new_tokens']} new tokens per request" in report, report[:300]
