@@ -107,14 +107,17 @@ def test_no_detach_with_launcher_kernel_deleted_ends_with_the_jobs_exit_code(
     assert not [s for s in server.secrets if s in text]
 
 
+@pytest.mark.parametrize("flavour", ["token", "basepath"])
 def test_no_detach_with_the_server_stopped_and_restarted_reports_the_jobs_exit_code(
-    tmp_path: Path,
+    tmp_path: Path, flavour: str
 ) -> None:
     from jupyter_fixtures import start_jupyter_server  # (a plugin module: imported late)
 
-    token = secrets.token_hex(16)
+    # the same port and credential after the restart: a token, or Kaggle's base path
+    token = secrets.token_hex(16) if flavour == "token" else None
+    base = "/" if flavour == "token" else f"/k/7/cred{secrets.token_hex(8)}/proxy/"
     port = free_port()
-    server = start_jupyter_server(tmp_path / "server", token=token, port=port)
+    server = start_jupyter_server(tmp_path / "server", token=token, base_path=base, port=port)
     out = tmp_path / "out"
     out.mkdir()
     env = runner_env(tmp_path)
@@ -129,7 +132,7 @@ def test_no_detach_with_the_server_stopped_and_restarted_reports_the_jobs_exit_c
         server.stop()  # the launcher kernel dies with it; the job does not
         time.sleep(3)
         assert (remote_run_dir(server, run_id) / "exit_code").exists() is False
-        server = start_jupyter_server(tmp_path / "server", token=token, port=port)
+        server = start_jupyter_server(tmp_path / "server", token=token, base_path=base, port=port)
         exit_file = remote_run_dir(server, run_id) / "exit_code"
         wait_for(exit_file.exists, 120, "the job to end")
         returncode = _finish(runner, within_s=PROMPT_S + 30)  # its retries back off up to 8 s
@@ -144,7 +147,7 @@ def test_no_detach_with_the_server_stopped_and_restarted_reports_the_jobs_exit_c
     assert returncode == 0, text
     assert "SLEEP_DONE" in text and "state=succeeded exit_code=0" in text, text
     assert (out / "versa_runs" / run_id / "output.ipynb").exists(), text
-    assert token not in text
+    assert not [secret for secret in (token, base) if secret and secret != "/" and secret in text]
 
 
 def _sshd_session_pids(sshd: SshServer) -> list[int]:
