@@ -73,7 +73,8 @@ def _pack(path: Path) -> Path:
 def test_target_input_checks_on_real_files(tmp_path: Path) -> None:
     pruned = tmp_path / "pruned"
     pruned.mkdir()
-    config = {"num_local_experts": 8, "num_local_experts_per_layer": [8, 4, 6]}
+    config = {"num_local_experts": 8, "num_local_experts_per_layer": [8, 4, 6],
+              "num_experts_per_tok": 2}  # fmt: skip
     (pruned / "config.json").write_text(json.dumps(config))
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not parquet")
@@ -86,6 +87,8 @@ def test_target_input_checks_on_real_files(tmp_path: Path) -> None:
         {"check": "pack_files", "flag": "--calib-pack-files", "repo": "org/data",
          "files": ["packs/in_the_repo.parquet"]},  # a repo name: the job fetches it
         {"check": "experts_per_token", "flag": "--top-k", "value": 99, "path": "unreadable"},
+        {"check": "keep_per_layer", "flag": "--min-keep-per-layer", "value": 8, "path": "pruned"},
+        {"check": "keep_per_layer", "flag": "--min-keep-per-layer", "value": 99, "path": "nope"},
     ]  # fmt: skip
     assert inputs.check_inputs(str(tmp_path), checks) == []
     bad = [
@@ -96,6 +99,8 @@ def test_target_input_checks_on_real_files(tmp_path: Path) -> None:
         {"check": "pack_files", "flag": "--calib-pack-files", "repo": "org/data",
          "files": ["notes.txt", "/nowhere/x.parquet", "./gone.parquet", "empty"]},
         {"check": "pack_files", "flag": "--calib-pack-files", "repo": "", "files": ["a.parquet"]},
+        {"check": "keep_per_layer", "flag": "--min-keep-per-layer", "value": 9, "path": "pruned"},
+        {"check": "keep_per_layer", "flag": "--min-keep-per-layer", "value": 1, "path": "pruned"},
     ]  # fmt: skip
     problems = inputs.check_inputs(str(tmp_path), bad)
     assert problems == [
@@ -112,6 +117,10 @@ def test_target_input_checks_on_real_files(tmp_path: Path) -> None:
         "--calib-pack-files: 'empty' is not a file; expected parquet pack files",
         "--calib-pack-files: 'a.parquet' is not a file on the target and --calib-packs-repo is "
         "empty, so it cannot be fetched",
+        "--min-keep-per-layer: expected an integer in [2, 8] (the checkpoint 'pruned' routes "
+        "each token to 2 of 8 experts), got 9",
+        "--min-keep-per-layer: expected an integer in [2, 8] (the checkpoint 'pruned' routes "
+        "each token to 2 of 8 experts), got 1",
     ]
 
 
@@ -122,6 +131,10 @@ def test_input_checks_come_from_the_declaration() -> None:
     assert kinds["checkpoint"] == {"check": "checkpoint", "flag": "--model-path", "path": "ck"}
     assert kinds["experts_per_token"]["value"] == 2 and kinds["experts_per_token"]["path"] == "ck"
     assert kinds["pack_files"]["repo"] == tasks.CALIB_PACKS_REPO
+    build = tasks.get_task("build_pruned_20b_eaftreap_budgeted")
+    values = tasks.parse_task_args(build, ["--model-path", "ck", "--min-keep-per-layer", "8"])
+    assert {"check": "keep_per_layer", "flag": "--min-keep-per-layer", "value": 8,
+            "path": "ck"} in tasks.input_checks(build, values)  # fmt: skip
     # an empty --model-path is resolved from --model-id by the job: only top-k reads it
     values = tasks.parse_task_args(eaft, ["--model-id", "org/model"])
     assert [c["check"] for c in tasks.input_checks(eaft, values)] == [
@@ -149,6 +162,9 @@ LOCAL_CASES = [
      f"error: --top-k: expected an integer in [1, 16] (the checkpoint {str(TINY)!r} has 16"),
     (_eaft_args(str(TINY), "--calib-pack-files", "/no/such/pack.parquet"),
      "error: --calib-pack-files: '/no/such/pack.parquet' does not exist on the target"),
+    (["submit", "--task", "build_pruned_20b_eaftreap_budgeted", "--model-path", str(TINY),
+      "--min-keep-per-layer", "20"],
+     "error: --min-keep-per-layer: expected an integer in [4, 16] (the checkpoint"),
     (["submit", "--task", "build_pruned_20b_eaftreap_budgeted"],  # the Kaggle default path
      "error: --model-path: '/kaggle/input/gpt-oss-20b/transformers/default/1' does not exist"),
     (["submit", "--notebook", "tests/notebooks/ok.ipynb", "-p", "x", ".nan"],

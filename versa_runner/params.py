@@ -35,7 +35,7 @@ FALSE_WORDS = ("0", "false", "no", "off")
 KINDS = ("int", "float", "str", "bool", "choice", "int_csv", "float_csv", "str_csv")
 RUN_ID = "run_id"  # added by the runner to every notebook's parameters
 CELL_LIST_WIDTH = 60  # a longer list default is written one item per line
-TARGET_CHECKS = ("checkpoint", "pack_files", "experts_per_token")
+TARGET_CHECKS = ("checkpoint", "pack_files", "experts_per_token", "keep_per_layer")
 """What `input_checks` can ask the target to check (see `versa_runner.target.inputs`)."""
 
 
@@ -231,7 +231,7 @@ def validate(
 def input_checks(params: Sequence[Param], values: dict[str, Any]) -> list[dict[str, Any]]:
     """The checks preflight runs on the target for these values (`target.inputs`): one per
     parameter with a `target_check` and a value to check. A pack list is read together with
-    `calib_packs_repo`, top-k with the checkpoint at `model_path` (else `model_id`)."""
+    `calib_packs_repo`, an expert count with the checkpoint at `model_path` (else `model_id`)."""
     checks: list[dict[str, Any]] = []
     for param in params:
         value = values.get(param.name)

@@ -11,7 +11,9 @@ before any GPU time. Each check is a dict the host builds from the task's declar
   be set (the job fetches them; they cannot be checked without the network);
 - `{"check": "experts_per_token", "flag", "value", "path"}`: at most the experts per layer of
   the checkpoint at `path`, when its `config.json` is readable (a per-layer pruned checkpoint's
-  smallest layer bounds it).
+  smallest layer bounds it);
+- `{"check": "keep_per_layer", "flag", "value", "path"}`: experts kept per layer, between the
+  checkpoint's router top-k (never changed) and its experts per layer, when readable.
 
 Relative paths are relative to `root`, the job's working directory. The answer is one line per
 problem, naming the flag and what is allowed.
@@ -38,6 +40,8 @@ def check_inputs(root: str, checks: list[dict[str, Any]]) -> list[str]:
             problems += _pack_files(root, check["flag"], check["files"], check.get("repo") or "")
         elif kind == "experts_per_token":
             problems += _experts_per_token(root, check["flag"], int(check["value"]), check["path"])
+        elif kind == "keep_per_layer":
+            problems += _keep_per_layer(root, check["flag"], int(check["value"]), check["path"])
         else:
             raise ValueError(f"unknown input check {kind!r}")
     return problems
@@ -92,15 +96,32 @@ def experts_per_layer(config: dict[str, Any]) -> int | None:
     return None
 
 
-def _experts_per_token(root: str, flag: str, value: int, path: str) -> list[str]:
-    config_path = os.path.join(_resolve(root, path), CONFIG_FILE)
+def _read_config(root: str, path: str) -> dict[str, Any]:
+    """The checkpoint's config.json, or {} when it is not readable here (the job decides then;
+    --model-path is checked on its own)."""
     try:
-        with open(config_path, encoding="utf-8") as fh:
+        with open(os.path.join(_resolve(root, path), CONFIG_FILE), encoding="utf-8") as fh:
             config = json.load(fh)
     except (OSError, ValueError):
-        return []  # not readable here: the job decides (and --model-path is checked itself)
-    experts = experts_per_layer(config) if isinstance(config, dict) else None
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _experts_per_token(root: str, flag: str, value: int, path: str) -> list[str]:
+    experts = experts_per_layer(_read_config(root, path))
     if experts is not None and value > experts:
         return [f"{flag}: expected an integer in [1, {experts}] (the checkpoint {path!r} has "
                 f"{experts} experts per layer), got {value}"]  # fmt: skip
+    return []
+
+
+def _keep_per_layer(root: str, flag: str, value: int, path: str) -> list[str]:
+    config = _read_config(root, path)
+    experts = config.get("num_local_experts", config.get("num_experts"))
+    top_k = config.get("num_experts_per_tok", config.get("experts_per_token"))
+    if not isinstance(experts, int) or not isinstance(top_k, int):
+        return []
+    if not top_k <= value <= experts:
+        return [f"{flag}: expected an integer in [{top_k}, {experts}] (the checkpoint {path!r} "
+                f"routes each token to {top_k} of {experts} experts), got {value}"]  # fmt: skip
     return []
