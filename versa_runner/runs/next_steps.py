@@ -75,7 +75,8 @@ def _after_build(backend: Backend, record: RunRecord, written: list[str]) -> lis
             continue
         variants = manifest.get("variants") or {manifest.get("variant_name", "pruned"): manifest}
         for name, variant in variants.items():
-            out_dir = variant.get("out_dir")
+            # the variant index maps a name to its out_dir; older manifests held a record
+            out_dir = variant.get("out_dir") if isinstance(variant, dict) else variant
             if out_dir:
                 commands.append(
                     f"versa-run --task {EAFT_TASK} --model-id {shlex.quote(str(name))} "
