@@ -99,7 +99,9 @@ def test_killed_mid_profile_resumes_on_a_fresh_server_and_matches(tmp_path: Path
         wait_for(remote_state.exists, 240, "the profile state on server A (a save mid-pass)")
         _signal_job(server_a.root_dir, run_id, signal.SIGSTOP)  # the session freezes mid-profile
         pass_no, done = _state_progress(remote_state)
-        assert pass_no == 1 and 0 < done < ROWS, f"not stopped mid-pass: pass {pass_no}, {done} done"
+        assert pass_no == 1 and 0 < done < ROWS, (
+            f"not stopped mid-pass: pass {pass_no}, {done} done"
+        )
         local_state = _profile_state(out)
         wait_for(lambda: local_state.exists() and _sha(local_state) == _sha(remote_state), 60,
                  "sync --watch to bring the profile state home")  # fmt: skip

@@ -4,7 +4,10 @@ A task (`versa_runner.tasks`) lists its `Param`s; from that one list come
 - the command-line flags (`task_parser`, an argparse parser: `--flag V`, `--flag=V`, and
   `--flag` / `--no-flag` for booleans), with help text stating the allowed values and default;
 - validation (`coerce` per value, then `validate` for defaults, required flags and the task's
-  cross-field check), all before anything is staged;
+  cross-field check), all before anything is staged; a number is always finite (NaN and the
+  infinities pass every range comparison, so they are refused by name);
+- the checks of inputs that live where the job runs (`input_checks`: a checkpoint directory,
+  pack files, top-k against the checkpoint's experts), run by preflight before any GPU time;
 - the notebook's parameters cell (`parameters_cell`), which a test compares with each notebook,
   so a notebook parameter without a flag (or a flag the notebook ignores) fails CI.
 
@@ -17,10 +20,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
+
+import yaml
 
 from versa_runner.errors import UsageError
 
@@ -29,6 +35,8 @@ FALSE_WORDS = ("0", "false", "no", "off")
 KINDS = ("int", "float", "str", "bool", "choice", "int_csv", "float_csv", "str_csv")
 RUN_ID = "run_id"  # added by the runner to every notebook's parameters
 CELL_LIST_WIDTH = 60  # a longer list default is written one item per line
+TARGET_CHECKS = ("checkpoint", "pack_files", "experts_per_token", "keep_per_layer")
+"""What `input_checks` can ask the target to check (see `versa_runner.target.inputs`)."""
 
 
 @dataclass(frozen=True)
@@ -47,10 +55,15 @@ class Param:
     low_open: bool = False  # True: the lower bound itself is not allowed, e.g. keep_frac in (0, 1]
     choices: tuple[str, ...] = ()
     required: bool = False
+    target_check: str = ""
+    """One of TARGET_CHECKS: what preflight checks of this value where the job runs."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"{self.flag}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.target_check and self.target_check not in TARGET_CHECKS:
+            raise ValueError(f"{self.flag}: target_check {self.target_check!r} is not one of "
+                             f"{', '.join(TARGET_CHECKS)}")  # fmt: skip
         if "=" in self.help:  # papermill cannot parse a parameters line whose comment has `=`
             raise ValueError(f"{self.flag}: help text must not contain '=' ({self.help!r})")
 
@@ -67,7 +80,8 @@ class Param:
                   "float_csv": "comma-separated numbers", "bool": "true or false",
                   "str_csv": "comma-separated names"}.get(self.kind, "a string")  # fmt: skip
         if self.low is None and self.high is None:
-            return number
+            # a range excludes NaN and the infinities by its brackets; an open one says so
+            return number.replace("number", "finite number")
         left = "(" if self.low_open else "["
         low = "-inf" if self.low is None else _fmt(self.low)
         high = "inf)" if self.high is None else _fmt(self.high) + "]"
@@ -90,6 +104,8 @@ def _coerce_one(param: Param, text: str, kind: str) -> Any:
         value: Any = {"int": int, "float": float}.get(kind, str)(text.strip())
     except ValueError:
         raise UsageError(f"{param.flag}: expected {param.allowed()}, got {text!r}") from None
+    if kind == "float" and not math.isfinite(value):  # NaN passes every comparison below
+        raise UsageError(f"{param.flag}: expected {param.allowed()}, got {text!r}")
     if kind in ("int", "float"):
         too_low = param.low is not None and (
             value <= param.low if param.low_open else value < param.low
@@ -212,6 +228,38 @@ def validate(
     return values
 
 
+def input_checks(params: Sequence[Param], values: dict[str, Any]) -> list[dict[str, Any]]:
+    """The checks preflight runs on the target for these values (`target.inputs`): one per
+    parameter with a `target_check` and a value to check. A pack list is read together with
+    `calib_packs_repo`, an expert count with the checkpoint at `model_path` (else `model_id`)."""
+    checks: list[dict[str, Any]] = []
+    for param in params:
+        value = values.get(param.name)
+        if not param.target_check or value in (None, "", []):
+            continue
+        check: dict[str, Any] = {"check": param.target_check, "flag": param.flag}
+        if param.target_check == "checkpoint":
+            check["path"] = value
+        elif param.target_check == "pack_files":
+            check.update(files=list(value), repo=values.get("calib_packs_repo") or "")
+        else:
+            path = values.get("model_path") or values.get("model_id")
+            if not path:
+                continue
+            check.update(value=value, path=path)
+        checks.append(check)
+    return checks
+
+
+def literal_value(name: str, text: str) -> Any:
+    """A `-p NAME VALUE` value for a notebook run, read as YAML; a number must be finite."""
+    value = yaml.safe_load(text)
+    items = value if isinstance(value, list) else [value]
+    if any(isinstance(item, float) and not math.isfinite(item) for item in items):
+        raise UsageError(f"-p {name}: expected a finite number, got {text!r}")
+    return value
+
+
 def parameters_cell(params: Sequence[Param]) -> str:
     """The notebook's `parameters` cell for these parameters: `name = default  # help` per line,
     then `run_id` (a required parameter's placeholder is its empty value)."""
@@ -245,6 +293,8 @@ __all__ = [
     "Param",
     "coerce",
     "did_you_mean",
+    "input_checks",
+    "literal_value",
     "parameters_cell",
     "parse_flags",
     "task_parser",

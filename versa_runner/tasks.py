@@ -67,6 +67,12 @@ def validate(task: Task, given: dict[str, Any]) -> dict[str, Any]:
     return params.validate(task.name, task.params, given, task.check)
 
 
+def input_checks(task: Task, values: dict[str, Any]) -> list[dict[str, Any]]:
+    """What preflight checks where the job runs (checkpoint, pack files, top-k), before any
+    GPU time; see `params.input_checks` and `versa_runner.target.inputs`."""
+    return params.input_checks(task.params, values)
+
+
 def get_task(name: str) -> Task:
     """The registered task called `name`; an unknown name lists the known ones."""
     try:
@@ -195,10 +201,12 @@ def _check_plan(values: dict[str, Any]) -> None:
 # One row per flag: (flag, kind, default, help, keyword options). Kept as a table on purpose.
 
 # fmt: off
-_MODEL_PATH = Param("--model-path", "str", KAGGLE_20B_PATH, "checkpoint directory on the target")
+_MODEL_PATH = Param("--model-path", "str", KAGGLE_20B_PATH, "checkpoint directory on the target",
+                    target_check="checkpoint")
 _BATCH = Param("--batch-size", "int", 1, "sequences per forward batch", low=1, high=4096)
 _PACKS_REPO = Param("--calib-packs-repo", "str", CALIB_PACKS_REPO, "HF dataset repo of calibration packs")
-_PACK_FILES = Param("--calib-pack-files", "str_csv", CALIB_PACK_FILES, "pack parquet files in the repo")
+_PACK_FILES = Param("--calib-pack-files", "str_csv", CALIB_PACK_FILES, "pack parquet files in the repo",
+                    target_check="pack_files")
 _COUNT: dict[str, Any] = {"low": 1, "high": 4096}  # expert counts and multiples
 _GPUS = Param("--gpus", "int", 1, "GPUs of the host to spread batches over (torchrun ranks)", low=1, high=64)
 _TOKENS: dict[str, Any] = {"low": 1, "high": 1_048_576}  # token lengths
@@ -217,7 +225,8 @@ def _build_params(*, keep_frac: Param, layout_default: str) -> tuple[Param, ...]
         Param("--max-seq-length", "int", 4096, "tokens per calibration row", low=16, high=1_048_576),
         _BATCH,
         keep_frac,
-        Param("--min-keep-per-layer", "int", 16, "fewest experts kept in a layer", **_COUNT),
+        Param("--min-keep-per-layer", "int", 16, "fewest experts kept in a layer", **_COUNT,
+              target_check="keep_per_layer"),
         Param("--max-keep-per-layer", "int", 32, "most experts kept in a layer", **_COUNT),
         Param("--core-pos-top-m", "int", 4, "safety core: top experts by positive mass", low=0, high=4096),
         Param("--core-count-top-m", "int", 0, "safety core: top experts by hit count", low=0, high=4096),
@@ -285,13 +294,15 @@ _TASK_LIST = (
         "Collect per-token probability/entropy statistics of one model on fixed blocks.",
         (
             Param("--model-id", "str", None, "label of the model (names the JSON)", required=True),
-            Param("--model-path", "str", "", "checkpoint directory (default: resolve --model-id)"),
+            Param("--model-path", "str", "", "checkpoint directory (default: resolve --model-id)",
+                  target_check="checkpoint"),
             _PACKS_REPO, _PACK_FILES,
             Param("--seq-lens-csv", "int_csv", "1024,2048", "block lengths in tokens", **_TOKENS),
             Param("--num-blocks", "int", 256, "blocks per sequence length", low=1, high=1_000_000),
             _BATCH,
             Param("--sample-points", "int", 200_000, "(p, H) points kept for plots", low=0, high=100_000_000),
-            Param("--top-k", "int", 4, "experts routed per token", low=1, high=128),
+            Param("--top-k", "int", 4, "experts routed per token", low=1, high=128,
+                  target_check="experts_per_token"),
             Param("--entropy-top-k", "int", 20, "entropy over the top-k renormalized probs", low=2, high=1024),
             _SAVE_EVERY_S,
             _GPUS,
@@ -305,7 +316,8 @@ _TASK_LIST = (
         "Measure decode throughput per batch size (SGLang, vLLM, or the native engine).",
         (
             Param("--name", "str", None, "label of this benchmark (names the outputs)", required=True),
-            Param("--model-path", "str", None, "checkpoint directory on the target", required=True),
+            Param("--model-path", "str", None, "checkpoint directory on the target", required=True,
+                  target_check="checkpoint"),
             Param("--prompt-len", "int", 256, "prompt length in tokens (not characters)", **_TOKENS),
             Param("--max-new-tokens", "int", 2048, "tokens generated per request", **_TOKENS),
             Param("--batch-sizes", "int_csv", "1,2,4,8,16,32", "concurrent requests per pass", **_COUNT),

@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from versa_runner import tasks
 from versa_runner.backends import choose_target
 from versa_runner.backends.base import Backend
@@ -27,6 +25,7 @@ from versa_runner.errors import (
     UsageError,
     VersaRunError,
 )
+from versa_runner.params import literal_value
 from versa_runner.runs import journal, lifecycle, logs, next_steps, resume, sync
 from versa_runner.runs.journal import RunRecord
 from versa_runner.runs.prepare import PROJECT_ROOT, remote_prepare
@@ -42,7 +41,10 @@ def _outcome(ctx: Context, backend: Backend, record: RunRecord, status: RunStatu
     prints the command that comes next."""
     logs_hint = f"`versa-run logs {record.run_id} --tail 60` shows the error."
     if status.state is RunState.SUCCEEDED:
-        ctx.out.next_steps(next_steps.after_success(backend, record, local_dir=ctx.output_dir))
+        try:
+            ctx.out.next_steps(next_steps.after_success(backend, record, local_dir=ctx.output_dir))
+        except VersaRunError as error:  # a hint never costs the job's own exit status (#14)
+            ctx.out.info(f"(next steps not shown: {error})")
         return 0
     if status.state is RunState.BOOTSTRAP_FAILED:
         raise BootstrapError(f"run {record.run_id}: bootstrap failed")
@@ -70,14 +72,16 @@ def cmd_submit(ctx: Context) -> int:
             raise UsageError(f"task {task.name}: its notebook {notebook} does not exist yet",
                              hint="This task's notebook has not been written; pick another task.")  # fmt: skip
         task_name = task.name
+        checks = tasks.input_checks(task, params)
     else:
         if a.extra:
             raise UsageError(f"unknown flag {a.extra[0]!r} for --notebook runs (use -p NAME VALUE)")
         notebook = Path(a.notebook).resolve()
         if not notebook.exists():
             raise UsageError(f"--notebook: {notebook} does not exist")
-        params = {name: yaml.safe_load(value) for name, value in a.param}
+        params = {name: literal_value(name, value) for name, value in a.param}
         task_name = notebook.stem
+        checks = []
     job_env = collect_job_environment(secret_names=a.secret, env_pairs=a.env, environ=os.environ)
     for value in job_env.secrets.values():
         ctx.out.redact.add(value)
@@ -88,6 +92,7 @@ def cmd_submit(ctx: Context) -> int:
             backend, task=task_name, notebook_path=notebook, params=params, job_env=job_env,
             settings=settings, save=lambda r: journal.save_record(ctx.output_dir, r),
             prepare=remote_prepare(backend, task_name, a.profile, ctx.out.transfer),
+            input_checks=checks,
         )  # fmt: skip
         _keep_submission(ctx, record, notebook, params)
         ctx.out.submitted(record, detached=not a.no_detach)
@@ -96,7 +101,7 @@ def cmd_submit(ctx: Context) -> int:
             if status is None:
                 return INTERRUPTED_EXIT
             selection = sync.Selection(with_checkpoints=a.with_checkpoints)
-            ctx.out.synced(sync.sync_run(backend, record, ctx.output_dir, selection=selection))
+            _sync_after_run(ctx, backend, record, selection)
             ctx.out.status(record, status)
             return _outcome(ctx, backend, record, status)
     return 0
@@ -124,6 +129,24 @@ def _keep_submission(
         kernel_name=a.kernel_name, execution_timeout_s=a.execution_timeout, profile=a.profile,
         resumed_from=resumed_from,
     ))  # fmt: skip
+
+
+def _sync_after_run(
+    ctx: Context, backend: Backend, record: RunRecord, selection: sync.Selection
+) -> None:
+    """Sync a followed run that has ended. The job's outcome is already known from its status
+    files, so a sync that fails (the target went away again, its kernel cannot be had) is
+    reported with the command that retries it, and the exit status stays the job's own."""
+    try:
+        ctx.out.synced(sync.sync_run(backend, record, ctx.output_dir, selection=selection))
+    except VersaRunError as error:
+        options = f" {ctx.out.command_options}" if ctx.out.command_options else ""
+        retry = f"versa-run sync {record.run_id}{options}"
+        if ctx.out.json_mode:
+            ctx.out.emit_json({"warning": f"outputs not synced: {error}", "retry": retry})
+            return
+        ctx.out.info(f"warning: the run ended but its outputs were not synced: {error}")
+        ctx.out.info(f"hint: `{retry}` retries the sync.")
 
 
 def _follow(ctx: Context, backend: Backend, record: RunRecord, *, offset: int) -> RunStatus | None:

@@ -76,9 +76,13 @@ def render_markdown(
     lines += _table(summary.rows)
     lines += [
         "",
-        "cc_L/cc_R use each run's own exact 15% thresholds. cc_L@L / cc_R@L put both runs under "
-        "the left run's thresholds, counted on each run's reservoir sample of (p, H) points (exact when "
-        "the sample holds every kept token; else from the 2-D histogram by cell area).",
+        "cc_L/cc_R: each run's own exact 15% thresholds, every kept token counted. cc_L@L / "
+        "cc_R@L put both runs under the left run's thresholds: cc_L@L is cc_L; cc_R@L is counted "
+        "on the right run's reservoir sample of (p, H) points, whose coordinates are stored "
+        "rounded to 6 decimals, so a point that close to a threshold may lie on either side: "
+        "'±k tok' gives how many such points a complete sample holds, '~' marks an estimate (a "
+        "partial sample, or without samples the 2-D histogram by cell area). A figure without "
+        "either mark is an exact count.",
         "",
         "## Plots",
         "",
@@ -102,8 +106,8 @@ def _table(rows: tuple[PairRow, ...]) -> list[str]:
             f"| {r.pack} | {r.seq} | {r.ppl_left:.3f} | {r.ppl_right:.3f} | {r.delta_ppl:+.3f} | "
             f"{r.cc_left * PP_PER_FRACTION:.3f}% | {r.cc_right * PP_PER_FRACTION:.3f}% | "
             f"{r.delta_cc * PP_PER_FRACTION:+.3f} | {r.mean_p_left:.4f} | {r.mean_p_right:.4f} | "
-            f"{r.delta_mean_p:+.4f} | {r.js2d:.4f} | {r.cc_left_at_left_thr * PP_PER_FRACTION:.3f}% | "
-            f"{r.cc_right_at_left_thr * PP_PER_FRACTION:.3f}% | {r.kept_left} | {r.kept_right} |"
+            f"{r.delta_mean_p:+.4f} | {r.js2d:.4f} | {r.cc_left_at_left.cell()} | "
+            f"{r.cc_right_at_left.cell()} | {r.kept_left} | {r.kept_right} |"
         )
     return out
 

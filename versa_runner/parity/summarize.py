@@ -14,8 +14,9 @@ report with the gate verdict (eaftreap_spec §7, with the fixes of §11.3):
 - Refusals (ConfigError, exit 2, no verdict written): a missing or empty histogram, a missing
   hero row, different blocks (`rows_sha256`) or different settings (entropy top-k, bins, prob
   scale, range, CC quantile). The predecessor silently passed in the first three cases.
-- Also reported: CC of both models under the **left** model's thresholds, estimated from the
-  reservoir samples (or, without samples, the 2-D histograms by cell area).
+- Also reported: CC of both models under the **left** model's thresholds: the left one is its
+  own exact count; the right one is counted on its reservoir sample (or, without samples, the 2-D
+  histogram by cell area) and shown with the uncertainty that leaves (`parity.shared_cc`).
 
 Pure python + `math` so it runs where torch is absent; matplotlib is imported lazily for plots.
 """
@@ -34,6 +35,7 @@ from typing import Any
 from versa_runner.errors import ConfigError, UsageError
 from versa_runner.fsutil import atomic_write_text
 from versa_runner.parity.gates import DEFAULT_GATES_PATH, GateCheck, Gates, load_gates
+from versa_runner.parity.shared_cc import CcUnderThresholds, cc_under_thresholds, own_cc
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +79,18 @@ class PairRow:
     mean_p_left: float
     mean_p_right: float
     js2d: float
-    cc_left_at_left_thr: float
-    cc_right_at_left_thr: float
+    cc_left_at_left: CcUnderThresholds  # cc_left itself: exact
+    cc_right_at_left: CcUnderThresholds  # from samples or the histogram: see `shared_cc`
     kept_left: int
     kept_right: int
+
+    @property
+    def cc_left_at_left_thr(self) -> float:
+        return self.cc_left_at_left.rate
+
+    @property
+    def cc_right_at_left_thr(self) -> float:
+        return self.cc_right_at_left.rate
 
     @property
     def delta_ppl(self) -> float:
@@ -172,41 +182,9 @@ def js_divergence_2d(counts_left: Sequence[float], counts_right: Sequence[float]
 
 
 def cc_rate_under_thresholds(model: dict[str, Any], *, x_thr: float, h_thr: float) -> float:
-    """Share of a run's kept tokens with x < x_thr and H < h_thr (puts both runs under one rule).
-
-    From the run's reservoir sample of (x, H) points when it has one: exact when the sample
-    holds every kept token, an unbiased estimate otherwise. Without samples, from the 2-D
-    histogram, each cell counted by the fraction of its area below both thresholds (tokens taken
-    as uniform inside a cell). Bin midpoints are not used: the 15% p quantile usually lies inside
-    the first p bin, where a midpoint rule counts nothing (seen on the tiny playbook: 0% vs 2.4%).
-    """
-    samples = model.get("samples") or []
-    if samples:
-        return sum(1 for x, h in samples if x < x_thr and h < h_thr) / len(samples)
-    hist = model["hist2d_x_H"]
-    x_edges, y_edges, counts = hist["x_edges"], hist["y_edges"], hist["counts"]
-    ybins = int(hist["ybins"])
-    total = math.fsum(counts)
-    if total <= 0:
-        return float("nan")
-    hit = []
-    for ix in range(int(hist["xbins"])):
-        fx = _share_below(x_edges[ix], x_edges[ix + 1], x_thr)
-        if fx == 0.0:
-            continue
-        for iy in range(ybins):
-            fy = _share_below(y_edges[iy], y_edges[iy + 1], h_thr)
-            hit.append(counts[ix * ybins + iy] * fx * fy)  # flat x-major: idx = ix*ybins + iy
-    return math.fsum(hit) / total
-
-
-def _share_below(low: float, high: float, threshold: float) -> float:
-    """Fraction of the interval [low, high) lying below `threshold`."""
-    if threshold <= low:
-        return 0.0
-    if threshold >= high or high <= low:
-        return 1.0
-    return (threshold - low) / (high - low)
+    """Share of a run's kept tokens with x < x_thr and H < h_thr: the point value of
+    `shared_cc.cc_under_thresholds` (which also says how far it can be trusted)."""
+    return cc_under_thresholds(model, x_thr=x_thr, h_thr=h_thr).rate
 
 
 def compare_runs(
@@ -317,8 +295,8 @@ def _pair_row(
         mean_p_left=float(lm["mean_prob"]),
         mean_p_right=float(rm["mean_prob"]),
         js2d=js_divergence_2d(lm["hist2d_x_H"]["counts"], rm["hist2d_x_H"]["counts"]),
-        cc_left_at_left_thr=cc_rate_under_thresholds(lm, x_thr=lm["x_thr"], h_thr=lm["h_thr"]),
-        cc_right_at_left_thr=cc_rate_under_thresholds(rm, x_thr=lm["x_thr"], h_thr=lm["h_thr"]),
+        cc_left_at_left=own_cc(lm),  # the left run under its own thresholds is its own count
+        cc_right_at_left=cc_under_thresholds(rm, x_thr=lm["x_thr"], h_thr=lm["h_thr"]),
         kept_left=int(lm.get("kept_tokens", 0)),
         kept_right=int(rm.get("kept_tokens", 0)),
     )

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import secrets as _random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -100,11 +100,18 @@ def run_dir_of(run_id: str) -> str:
     return f"{RUNS_DIR}/{run_id}"
 
 
-def preflight(backend: Backend, *, min_free_gb: float) -> dict[str, Any]:
-    """Check python, papermill, ipykernel and free disk on the target; refuse early."""
-    info: dict[str, Any] = call_target(
-        backend, "ops.preflight", {"root": backend.root()}, timeout_s=OP_TIMEOUT_S
-    )
+def preflight(
+    backend: Backend, *, min_free_gb: float, input_checks: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """Check python, papermill, ipykernel, free disk and the task's inputs (`input_checks`,
+    see `target.inputs`) on the target; refuse early. A bad input is a usage error on the
+    local target (the host checked its own files) and a preflight refusal on a remote one."""
+    args = {"root": backend.root(), "checks": list(input_checks)}
+    info: dict[str, Any] = call_target(backend, "ops.preflight", args, timeout_s=OP_TIMEOUT_S)
+    if info.get("input_errors"):
+        refusal = UsageError if backend.name == "local" else PreflightError
+        raise refusal("; ".join(info["input_errors"]),
+                      hint="Nothing was staged; fix the flag and submit again.")  # fmt: skip
     free_gb = info["free_bytes"] / 1e9
     if not info["papermill"] or not info["ipykernel"]:
         missing = [n for n in ("papermill", "ipykernel") if not info[n]]
@@ -181,12 +188,15 @@ def submit(
     save: Callable[[RunRecord], None],
     prepare: Callable[[dict[str, Any]], LaunchAdditions] | None = None,
     run_id: str | None = None,
+    input_checks: Sequence[dict[str, Any]] = (),
 ) -> RunRecord:
     """Preflight, stage and launch one run; `save` journals it before the launch (so a failed
     launch still leaves a record to inspect). `prepare` gets the preflight facts and returns
     what the target needs besides the notebook (code sync, bootstrap steps). `run_id` is new
-    unless given (a resume places state under the new run's id before it is launched)."""
-    info = preflight(backend, min_free_gb=settings.min_free_gb)
+    unless given (a resume places state under the new run's id before it is launched).
+    `input_checks` (from the task's declaration) are checked by preflight, before anything is
+    staged."""
+    info = preflight(backend, min_free_gb=settings.min_free_gb, input_checks=input_checks)
     additions = prepare(info) if prepare is not None else None
     run_id = run_id or new_run_id()
     run_dir = stage(

@@ -84,6 +84,8 @@ def follow(
     while True:
         status = read_status(backend, record)
         try:
+            if status.state is RunState.UNREACHABLE:
+                raise UnreachableError(f"run {record.run_id}: the target stopped answering")
             text = reader.read_new()
         except UnreachableError:
             now = clock()

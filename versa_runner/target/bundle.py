@@ -23,7 +23,8 @@ PROGRAM_NAME = "<versa_target program>"
 HERE = Path(__file__).resolve().parent
 # Install order: each module's sibling imports come before it.
 MODULES = (
-    "layout", "reply", "files", "proc", "packages", "notebook", "fileops", "ops", "launcher",
+    "layout", "reply", "files", "proc", "packages", "notebook", "fileops", "inputs", "ops",
+    "launcher",
 )  # fmt: skip
 ZIP_MAIN = f"import sys\nfrom {PACKAGE}.launcher import main\nsys.exit(main(sys.argv))\n"
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member times: the same sources give the same archive

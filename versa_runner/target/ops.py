@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from . import files, layout, proc
+from . import files, inputs, layout, proc
 
 KILLED_EXIT_CODE = 137  # 128 + SIGKILL: what a shell reports for a job killed outright
 KILL_POLL_S = 0.2
@@ -26,7 +26,8 @@ NVIDIA_SMI_TIMEOUT_S = 20
 
 
 def preflight(args: dict[str, Any]) -> dict[str, Any]:
-    """Python, papermill/ipykernel presence, free disk under the root, GPUs, host name."""
+    """Python, papermill/ipykernel presence, free disk under the root, GPUs, host name, and
+    what is wrong with the task's inputs here (`inputs.check_inputs` of `args["checks"]`)."""
     root = args["root"]
     os.makedirs(root, exist_ok=True)
     gpus: list[str] = []
@@ -45,6 +46,7 @@ def preflight(args: dict[str, Any]) -> dict[str, Any]:
         "free_bytes": shutil.disk_usage(root).free,
         "gpus": gpus,
         "host": platform.node(),
+        "input_errors": inputs.check_inputs(root, list(args.get("checks") or [])),
     }
 
 

@@ -31,14 +31,15 @@ from versa_runner.backends.jupyter.http import (
     RetryPolicy,
     contents_path,
 )
+from versa_runner.backends.jupyter.reads import RunFileReader
 from versa_runner.backends.jupyter.url import (
     JupyterTarget,
     parse_server_url,
     redact,
     resolve_target,
 )
-from versa_runner.backends.jupyter.ws import KernelChannel
-from versa_runner.errors import TargetError, TransferError
+from versa_runner.backends.jupyter.ws import KernelChannel, KernelGone
+from versa_runner.errors import TargetError, TransferError, UnreachableError
 
 if TYPE_CHECKING:
     from versa_runner.backends import TargetOptions
@@ -72,6 +73,7 @@ class JupyterBackend:
         self.target = target
         self.chunk_bytes = chunk_bytes
         self.http = JupyterHttp(target, retry=retry)
+        self._reader = RunFileReader(self.http)
         self._root = root
         self._kernel_id = target.kernel_id
         self._owns_kernel = False
@@ -121,9 +123,10 @@ class JupyterBackend:
             self._upload(fh, size, path, digest.hexdigest(), mode=None, progress=progress)
 
     def read_bytes(self, path: str, *, offset: int = 0, length: int | None = None) -> bytes | None:
-        """Bytes of `path` from `offset` via `/files/` with Range; None when absent."""
+        """Bytes of `path` from `offset` via `/files/` with Range (the contents API when
+        `/files/` keeps failing, `jupyter.reads`); None when absent."""
         self._check_open()
-        return self.http.read_range(path, offset, length)
+        return self._reader.read(path, offset, length)
 
     def download(
         self, path: str, dest: Path, *, offset: int = 0, progress: ProgressFn | None = None
@@ -166,8 +169,25 @@ class JupyterBackend:
         return self.http.stat(path)
 
     def run_python(self, code: str, *, timeout_s: float) -> str:
-        """Execute `code` on the launcher kernel (silent, no history) and return its stdout."""
-        result = self._kernel_channel().execute(code, timeout_s=timeout_s)
+        """Execute `code` on the launcher kernel (silent, no history) and return its stdout.
+
+        A launcher kernel of ours that vanished (deleted, or the server restarted) is replaced
+        and the snippet sent once more (runner snippets are idempotent, versa_spec §8.2); a
+        kernel pinned with --kernel-id is never replaced silently.
+        """
+        try:
+            result = self._kernel_channel().execute(code, timeout_s=timeout_s)
+        except KernelGone as exc:
+            gone = self._kernel_id
+            if self.target.kernel_id:
+                raise TargetError(
+                    f"kernel {gone} (--kernel-id) is gone from {self.target.redacted_url}",
+                    hint="Pass the id of a running kernel, or drop --kernel-id to let versa-run "
+                    "start its own.",
+                ) from exc
+            log.warning("launcher kernel %s is gone (%s); starting a new one", gone, exc)
+            self._forget_kernel()
+            result = self._kernel_channel().execute(code, timeout_s=timeout_s)
         if result.status != "ok":
             tail = "\n".join(result.traceback[-3:])[-1500:]
             raise TargetError(
@@ -214,9 +234,7 @@ class JupyterBackend:
         self._check_open()
         self.http.request("DELETE", f"/api/kernels/{kernel_id}", ok=(204, 404))
         if kernel_id == self._kernel_id:
-            if self._channel is not None:
-                self._channel.close()
-            self._channel, self._kernel_id, self._owns_kernel = None, None, False
+            self._forget_kernel()
 
     def remove(self, path: str) -> None:
         """Delete a file through the contents API (absent is fine)."""
@@ -308,8 +326,24 @@ class JupyterBackend:
                 cookie=cookie,
                 redacted_url=self.target.redacted_url,
                 on_timeout=self._interrupt,
+                is_alive=self._kernel_alive,
             )
         return self._channel
+
+    def _forget_kernel(self) -> None:
+        """Drop the channel and the id of a kernel that no longer exists (nothing to delete)."""
+        if self._channel is not None:
+            self._channel.close()
+        self._channel, self._kernel_id, self._owns_kernel = None, None, False
+
+    def _kernel_alive(self) -> bool:
+        """False only when the server says the kernel does not exist; an unanswered check is
+        no evidence either way (the snippet's own deadline still bounds the wait)."""
+        try:
+            resp = self.http.request("GET", f"/api/kernels/{self._kernel_id}", ok=(200, 404))
+        except UnreachableError:
+            return True
+        return resp.status_code != 404
 
     def _interrupt(self) -> None:
         try:

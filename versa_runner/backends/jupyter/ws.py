@@ -7,6 +7,13 @@ legacy JSON protocol (one text frame per message, `channel` field), `execute_req
 `silent=True, store_history=False` so runner code stays out of IPython history, reconnect with
 the *same* `session_id` (jupyter_server replays messages buffered for that session), and an
 interrupt when a snippet overruns its timeout so the kernel does not stay busy.
+
+Every wait has a deadline: the handshake (`CONNECT_TIMEOUT_S`), each read (woken at least every
+`LIVENESS_CHECK_S`) and the snippet as a whole (`timeout_s`). A deleted kernel does not always
+close its websocket (jupyter_server keeps the socket open and simply never answers), so a reply
+wait also polls the kernel's liveness through REST, nbclient's "dead vs slow" split: a kernel
+that is gone raises `KernelGone` within seconds instead of after the snippet's whole timeout
+(issue 14: a follower sat 11 minutes in a read on a deleted kernel).
 """
 
 from __future__ import annotations
@@ -30,8 +37,19 @@ log = logging.getLogger(__name__)
 USERNAME = "versa-run"
 PING_INTERVAL_S = 30.0
 """Idle websocket reads wake this often to ping, so proxies keep the connection open."""
+LIVENESS_CHECK_S = 5.0
+"""While a reply is awaited, the kernel's liveness is checked this often (REST, no websocket)."""
 RECONNECT_ATTEMPTS = 3
 CONNECT_TIMEOUT_S = 30.0
+KERNEL_GONE_STATUS = 404  # the channels handshake of a kernel the server does not know
+
+
+class KernelGone(UnreachableError):
+    """The kernel behind this channel no longer exists (deleted, or the server restarted).
+
+    A job never depends on the launcher kernel, so its owner may start a new one and resend
+    the (idempotent) snippet.
+    """
 
 
 @dataclass
@@ -57,8 +75,10 @@ class KernelChannel:
         cookie: str | None = None,
         redacted_url: str = "<redacted>",
         on_timeout: Callable[[], None] | None = None,
+        is_alive: Callable[[], bool] | None = None,
     ) -> None:
         self._ws_url = ws_url
+        self._is_alive = is_alive
         self._headers = [f"{name}: {value}" for name, value in headers.items()]
         self._cookie = cookie
         self._redacted_url = redacted_url
@@ -86,6 +106,9 @@ class KernelChannel:
                     self._socket().send(request)
                     sent = True
                 message = self._recv(deadline)
+            except KernelGone:
+                self._drop()
+                raise
             except (websocket.WebSocketException, OSError) as exc:
                 # A replayed or resent request is safe: runner snippets are idempotent (§8.2).
                 reconnects += 1
@@ -137,18 +160,26 @@ class KernelChannel:
         return reply_seen, idle_seen
 
     def _recv(self, deadline: float) -> dict[str, Any] | None:
-        """The next JSON message, or None once `deadline` passes; pings while idle."""
+        """The next JSON message, or None once `deadline` passes; pings while idle and checks
+        every `LIVENESS_CHECK_S` that the kernel still exists (KernelGone when it does not)."""
         ws = self._socket()
+        last_ping = time.monotonic()
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            ws.settimeout(min(remaining, PING_INTERVAL_S))
+            ws.settimeout(min(remaining, LIVENESS_CHECK_S))
             try:
                 frame = ws.recv()
             except websocket.WebSocketTimeoutException:
-                if deadline - time.monotonic() > 0:
+                if self._is_alive is not None and not self._is_alive():
+                    raise KernelGone(
+                        f"the launcher kernel on {self._redacted_url} is gone"
+                    ) from None
+                now = time.monotonic()
+                if deadline - now > 0 and now - last_ping >= PING_INTERVAL_S:
                     ws.ping()
+                    last_ping = now
                 continue
             if isinstance(frame, bytes):
                 continue  # v1 binary frames carry buffers we never request
@@ -175,6 +206,11 @@ class KernelChannel:
                 # Not chained: the exception carries the server's error page, which quotes the
                 # base path (the credential on Kaggle), and `--debug` prints chains.
                 status = getattr(exc, "status_code", 0)
+                if status == KERNEL_GONE_STATUS:
+                    raise KernelGone(
+                        f"kernel websocket on {self._redacted_url} answered {status}: "
+                        "the kernel is gone"
+                    ) from None
                 if status in (401, 403):
                     raise AuthError(
                         f"kernel websocket on {self._redacted_url} answered {status}"
@@ -208,4 +244,4 @@ class KernelChannel:
         return json.dumps(message, default=json_default), str(message["header"]["msg_id"])
 
 
-__all__ = ["ExecuteResult", "KernelChannel"]
+__all__ = ["ExecuteResult", "KernelChannel", "KernelGone"]

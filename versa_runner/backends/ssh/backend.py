@@ -9,7 +9,8 @@ has no SFTP `check-file` extension, orchestration_anchors §5.2), then renamed w
 stdin, so no program ever shows in a remote `ps`. The job outlives this connection because the
 launch op starts the launcher in its own process session (lifecycle), not because of
 anything here. A connection that drops is re-opened by the next call (read-only calls retry
-once), so a follower polling status rides over it.
+once), so a follower polling status rides over it. No call waits without a deadline
+(`backends.ssh.waits`): a host that stops answering is an UnreachableError.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, BinaryIO, TypeVar
 import paramiko
 
 from versa_runner.backends.base import ProgressFn, RemoteStat, call_target
-from versa_runner.backends.ssh.channel import collect
+from versa_runner.backends.ssh import waits
 from versa_runner.backends.ssh.target import (
     AUTH_HINT,
     UNKNOWN_HOST_HINT,
@@ -79,9 +80,11 @@ class SshBackend:
         root: str | None = None,
         remote_root: str = DEFAULT_REMOTE_ROOT,
         python: str = DEFAULT_PYTHON,
+        io_timeout_s: float = waits.IO_TIMEOUT_S,
     ) -> None:
         self.target = target
         self.python = python
+        self.io_timeout_s = io_timeout_s
         self._remote_root = remote_root
         self._root = root  # known from the journal for follow-up commands
         self._client: paramiko.SSHClient | None = None
@@ -174,15 +177,18 @@ class SshBackend:
         enter_root = f"{{ cd -- {root} 2>/dev/null || {{ mkdir -p -- {root} && cd -- {root}; }}; }}"
         command = f"{enter_root} && exec {shlex.quote(self.python)} -"
         with self._boundary("run a snippet"):
-            channel = self._connection().get_transport().open_session()  # type: ignore[union-attr]
-            try:
-                channel.exec_command(command)
-                channel.sendall(code.encode())
-                channel.shutdown_write()
-                stdout, stderr = collect(channel, timeout_s)
-                exit_status = channel.recv_exit_status()
-            finally:
-                channel.close()
+            transport = self._connection().get_transport()
+            with waits.watchdog(self._client, timeout_s + self.io_timeout_s, self.describe()):
+                channel = transport.open_session(timeout=self.io_timeout_s)  # type: ignore[union-attr]
+                channel.settimeout(self.io_timeout_s)
+                try:
+                    channel.exec_command(command)
+                    channel.sendall(code.encode())
+                    channel.shutdown_write()
+                    stdout, stderr = waits.collect_output(channel, timeout_s)
+                    exit_status = channel.recv_exit_status()
+                finally:
+                    channel.close()
         if exit_status != 0:
             tail = "\n".join(
                 stderr.decode(errors="replace").strip().splitlines()[-STDERR_TAIL_LINES:]
@@ -241,7 +247,10 @@ class SshBackend:
     def _sftp(self) -> paramiko.SFTPClient:
         client = self._connection()
         if self._sftp_client is None:
-            self._sftp_client = client.open_sftp()
+            with waits.watchdog(client, self.io_timeout_s, self.describe()):
+                self._sftp_client = client.open_sftp()
+            # Every SFTP request reads its answer from this channel: bound each wait.
+            self._sftp_client.get_channel().settimeout(self.io_timeout_s)  # type: ignore[union-attr]
         return self._sftp_client
 
     def _drop_connection(self) -> None:
@@ -366,8 +375,10 @@ def from_options(options: TargetOptions, *, root: str | None = None) -> SshBacke
         options.on_secret(passphrase)
     target = SshTarget(host=host, user=user, port=port, key_file=key, passphrase=passphrase,
                        accept_new=options.ssh_accept_new)  # fmt: skip
+    io_timeout_s = waits.io_timeout_from_env(options.environ)
     return SshBackend(target, root=root, python=options.ssh_python or DEFAULT_PYTHON,
-                      remote_root=options.remote_root or DEFAULT_REMOTE_ROOT)  # fmt: skip
+                      remote_root=options.remote_root or DEFAULT_REMOTE_ROOT,
+                      io_timeout_s=io_timeout_s)  # fmt: skip
 
 
 BACKEND_CLASS = SshBackend
