@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from versa_runner.errors import ConfigError, UsageError
 
@@ -63,23 +64,30 @@ class GateCheck:
         return self.value <= self.limit
 
 
-def load_gates(path: str | Path | None = None) -> Gates:
-    """Read a gates JSON (default: the packaged near-lossless-v1); malformed is a ConfigError."""
-    gates_path = Path(path) if path is not None else DEFAULT_GATES_PATH
-    if not gates_path.is_file():
+def read_json_object(path: Path, *, param: str) -> dict[str, Any]:
+    """A JSON file whose top level is an object; missing is a UsageError naming `param`,
+    unreadable or not an object a ConfigError."""
+    if not path.is_file():
         raise UsageError(
-            f"--gates-json {gates_path}: file not found", hint="Pass an existing gates JSON file."
+            f"{param} {path}: file not found", hint=f"Pass an existing JSON file to {param}."
         )
     try:
-        raw = json.loads(gates_path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(
-            f"--gates-json {gates_path}: not readable JSON ({exc})", hint="Check the file."
+            f"{param} {path}: not readable JSON ({exc})", hint="Check the file."
         ) from exc
     if not isinstance(raw, dict):
         raise ConfigError(
-            f"--gates-json {gates_path}: top level must be a JSON object", hint="Check the file."
+            f"{param} {path}: top level must be a JSON object", hint="Check the file."
         )
+    return raw
+
+
+def load_gates(path: str | Path | None = None) -> Gates:
+    """Read a gates JSON (default: the packaged near-lossless-v1); malformed is a ConfigError."""
+    gates_path = Path(path) if path is not None else DEFAULT_GATES_PATH
+    raw = read_json_object(gates_path, param="--gates-json")
     hint = f"Start from the shipped gates file {DEFAULT_GATES_PATH} and change only thresholds."
     if raw.get("schema_version") != GATES_SCHEMA_VERSION:
         raise ConfigError(

@@ -23,7 +23,6 @@ Pure python + `math` so it runs where torch is absent; matplotlib is imported la
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -32,9 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from versa_runner.errors import ConfigError, UsageError
+from versa_runner.errors import ConfigError
 from versa_runner.fsutil import atomic_write_text
-from versa_runner.parity.gates import DEFAULT_GATES_PATH, GateCheck, Gates, load_gates
+from versa_runner.parity.gates import (
+    DEFAULT_GATES_PATH,
+    GateCheck,
+    Gates,
+    load_gates,
+    read_json_object,
+)
 from versa_runner.parity.shared_cc import CcUnderThresholds, cc_under_thresholds, own_cc
 
 log = logging.getLogger(__name__)
@@ -133,7 +138,7 @@ class PairSummary:
 
 def load_eaft_json(path: str | Path, *, param: str) -> dict[str, Any]:
     """Read one collector JSON, upgrading the predecessor's unversioned layout."""
-    raw = _read_json(Path(path), param=param)
+    raw = read_json_object(Path(path), param=param)
     if "schema_version" not in raw:
         raw = _upgrade_v0(raw, path)
     if raw.get("schema_version") != EAFT_SCHEMA_VERSION:
@@ -304,24 +309,6 @@ def _pair_row(
 
 def _label(run: dict[str, Any], fallback: str) -> str:
     return str(run["meta"].get("model_id") or run.get("_path_stem") or fallback)
-
-
-def _read_json(path: Path, *, param: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise UsageError(
-            f"{param} {path}: file not found", hint=f"Pass an existing JSON file to {param}."
-        )
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(
-            f"{param} {path}: not readable JSON ({exc})", hint="Check the file."
-        ) from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{param} {path}: top level must be a JSON object", hint="Check the file."
-        )
-    return raw
 
 
 def summarize_pair(

@@ -8,7 +8,6 @@ started. Time is injected (`now`) so tests control ages.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from versa_runner.backends.base import Backend
 from versa_runner.errors import UnreachableError
 from versa_runner.runs.journal import RunRecord
 from versa_runner.target import launcher
+from versa_runner.target.fileops import epoch
 from versa_runner.target.layout import (
     EXIT_CODE_FILE,
     HEARTBEAT_FILE,
@@ -109,8 +109,8 @@ def read_status(
         status.heartbeat_age_s = max(0.0, now() - beat.mtime)
     status.progress = read_progress(backend, record)
     if info.get("started_at"):
-        end = _timestamp(str(info["ended_at"])) if info.get("ended_at") else now()
-        status.elapsed_s = max(0.0, end - _timestamp(str(info["started_at"])))
+        end = epoch(str(info["ended_at"])) if info.get("ended_at") else now()
+        status.elapsed_s = max(0.0, end - epoch(str(info["started_at"])))
     if raw_exit is not None:
         status.exit_code = int(raw_exit.decode().strip() or "1")
         recorded = info.get("state")
@@ -127,7 +127,7 @@ def read_status(
         return status
     interval = float(info.get("heartbeat_interval_s", launcher.DEFAULT_HEARTBEAT_INTERVAL_S))
     if raw_status is None:
-        age = now() - _timestamp(record.created_at)
+        age = now() - epoch(record.created_at)
         status.state = (
             RunState.STALE
             if age > STALE_AFTER_HEARTBEATS * interval + LAUNCH_GRACE_S
@@ -136,18 +136,10 @@ def read_status(
         return status
     beat_age = status.heartbeat_age_s
     if beat_age is None:  # the launcher writes its first heartbeat right after status.json
-        beat_age = now() - _timestamp(str(info.get("started_at", record.created_at)))
+        beat_age = now() - epoch(str(info.get("started_at", record.created_at)))
     stale = beat_age > STALE_AFTER_HEARTBEATS * interval
     status.state = RunState.STALE if stale else RunState.RUNNING
     return status
-
-
-def _timestamp(stamp: str) -> float:
-    """Unix time of an ISO-8601 stamp (naive stamps are UTC)."""
-    parsed = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
-    return parsed.timestamp()
 
 
 def read_progress(backend: Backend, record: RunRecord) -> Progress | None:
@@ -182,6 +174,6 @@ def _elapsed_since(stamp: str | None) -> float | None:
     if not stamp:
         return None
     try:
-        return time.time() - _timestamp(stamp)
+        return time.time() - epoch(stamp)
     except ValueError:
         return None
