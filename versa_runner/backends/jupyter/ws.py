@@ -34,6 +34,18 @@ from versa_runner.errors import AuthError, TargetError, UnreachableError
 
 log = logging.getLogger(__name__)
 
+
+class _UnsignedOnPurpose(logging.Filter):
+    """Drops jupyter_client's "Message signing is disabled" warning for our Session: the websocket
+    carries JSON messages that jupyter_server signs for the kernel, so there is no key to hold
+    here, and a warning the user cannot act on does not belong on their terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Message signing is disabled" not in record.getMessage()
+
+
+logging.getLogger("traitlets").addFilter(_UnsignedOnPurpose())
+
 USERNAME = "versa-run"
 PING_INTERVAL_S = 30.0
 """Idle websocket reads wake this often to ping, so proxies keep the connection open."""
