@@ -224,3 +224,13 @@ def test_cli_model_packs_and_errors(tmp_path: Path) -> None:
     err = io.StringIO()
     assert main(["model", str(tmp_path / "t"), "--trained", "--layers", "2"], out=out, err=err) == 2
     assert "--trained" in err.getvalue() and "--layers" in err.getvalue()
+
+
+@pytest.mark.parametrize("flag, experts", [([], 16), (["tiny"], 16), (["testbed32"], 32)])
+def test_trained_names_the_committed_model(tmp_path, flag, experts) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["model", str(tmp_path / "m"), "--trained", *flag], out=out, err=err) == 0, (
+        err.getvalue()
+    )
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["num_local_experts"] == experts and config["num_experts_per_tok"] == 4
