@@ -57,6 +57,11 @@ def _submit_options(sub: argparse.ArgumentParser) -> None:
         help="forward env var NAME as a secret",
     )
     sub.add_argument(
+        "--with-checkpoints",
+        action="store_true",
+        help="with --no-detach, also bring the pruned checkpoints back (many GB on the 20b)",
+    )
+    sub.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE", help="non-secret job env var"
     )
     sub.add_argument(
@@ -117,7 +122,11 @@ def _submit_plan(ctx: Context, plan: dict[str, Any]) -> int:
     ctx.out.info(f"plan {plan['name']}: {len(plan['steps'])} steps: {', '.join(step_names(plan))}")
     a.help, a.task, a.notebook, a.param = False, "playbook", None, []
     a.kernel_name, a.execution_timeout = "python3", None
-    for name, default in (("secret", []), ("env", []), ("profile", "auto"), ("no_detach", False)):
+    defaults: tuple[tuple[str, object], ...] = (
+        ("secret", []), ("env", []), ("profile", "auto"), ("no_detach", False),
+        ("with_checkpoints", False),
+    )  # fmt: skip
+    for name, default in defaults:
         if not hasattr(a, name):
             setattr(a, name, default)
     a.env = [*a.env, *(f"{k}={v}" for k, v in plan.get("env", {}).items())]  # non-secret
