@@ -125,8 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="versa-run summarize-decode",
         description="Base and pruned decode_bench results side by side: tok/s and ratio per batch size, one plot.",
-        epilog="Example: versa-run summarize-decode artifacts/decode_bench/base.json "
+        epilog="examples:\n  versa-run summarize-decode artifacts/decode_bench/base.json "
         "artifacts/decode_bench/pruned.json --out-md reports/decode_base_vs_pruned.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("base_json", help="decode_bench JSON of the base model")
     parser.add_argument("pruned_json", help="decode_bench JSON of the pruned model")
